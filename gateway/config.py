@@ -1,0 +1,617 @@
+"""One validated configuration object, read from a TOML file at start-up.
+
+Every setting is checked here, once, and every error names the key it is about
+(``sources[1].format: must be one of event-stream, journey, web-push``). Secrets
+are never in the file: the file names environment variables, and the values are
+held in :class:`Secret`, whose ``repr`` and ``str`` never show them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import netaddr
+
+__all__ = [
+    "AllowlistConfig",
+    "Config",
+    "ConfigError",
+    "DedupeConfig",
+    "KafkaConfig",
+    "OneSignalApp",
+    "OneSignalConfig",
+    "Secret",
+    "ServerConfig",
+    "SourceConfig",
+    "TagRule",
+    "TagSyncConfig",
+    "load_config",
+    "parse_config",
+]
+
+SOURCE_FORMATS = ("event-stream", "journey", "web-push")
+CHANNELS = ("push", "email", "sms", "iam", "live_activity")
+# Canonical field names a source's `mapping` may point at with a JSON Pointer.
+MAPPABLE_FIELDS = (
+    "id",
+    "kind",
+    "timestamp",
+    "datetime",
+    "app_id",
+    "onesignal_id",
+    "external_id",
+    "subscription_id",
+    "device_type",
+    "token",
+    "tags",
+    "message_id",
+    "message_name",
+    "message_title",
+    "message_contents",
+    "template_id",
+    "url",
+    "app_url",
+    "web_url",
+    "failure_reason",
+    "page_name",
+    "page_id",
+    "target_name",
+    "target_id",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key it concerns in the message."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class Secret:
+    """A secret value that does not print itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:  # only for tests of config parsing
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    max_body_bytes: int = 65536
+    max_json_depth: int = 64
+    timeout_keep_alive: int = 620
+    limit_concurrency: int = 0
+    graceful_shutdown_s: float = 20.0
+    log_level: str = "info"
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class AllowlistConfig:
+    scopes: tuple[str, ...] = ("europe-west4",)
+    snapshot: str = ""
+    include_onesignal_published: bool = True
+    extra_cidrs: tuple[str, ...] = ()
+    refresh_url: str = ""
+    refresh_interval_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "localhost:9092"
+    api_version: str = ""
+    client_id: str = "onesignal-gateway"
+    topic: str = "onesignal.{channel}"
+    dead_letter_topic: str = "onesignal.dead-letter"
+    content_mode: str = "binary"
+    unknown_kinds: str = "publish"
+    ack_timeout_s: float = 5.0
+    max_in_flight: int = 5000
+    retry_after_s: int = 5
+    linger_ms: int = 5
+    batch_size: int = 32768
+    compression_type: str = ""
+    request_timeout_ms: int = 10000
+    delivery_timeout_ms: int = 30000
+    max_block_ms: int = 2000
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: Secret | None = None
+    ssl_cafile: str = ""
+
+    def api_version_tuple(self) -> tuple[int, ...] | None:
+        if not self.api_version:
+            return None
+        return tuple(int(p) for p in self.api_version.split("."))
+
+    def client_options(self) -> dict[str, Any]:
+        """Options shared by every kafka-python client this process makes."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.api_version:
+            opts["api_version"] = self.api_version_tuple()
+        if self.sasl_mechanism:
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username
+            opts["sasl_plain_password"] = self.sasl_password.reveal() if self.sasl_password else ""
+        if self.ssl_cafile:
+            opts["ssl_cafile"] = self.ssl_cafile
+        return opts
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    window_s: float = 3600.0
+    max_entries: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    path: str
+    format: str
+    require_allowlisted_ip: bool = True
+    secret_header: str = "authorization"
+    secrets_env: str = ""
+    secrets: tuple[Secret, ...] = ()
+    require_secret: bool = True
+    app_id: str = ""
+    cors_origins: tuple[str, ...] = ("*",)
+    mapping: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OneSignalApp:
+    app_id: str
+    api_key_env: str
+    api_key: Secret | None
+
+
+@dataclass(frozen=True)
+class OneSignalConfig:
+    api_url: str = "https://api.onesignal.com"
+    timeout_s: float = 10.0
+    apps: tuple[OneSignalApp, ...] = ()
+
+
+@dataclass(frozen=True)
+class TagRule:
+    kinds: tuple[str, ...]
+    tags: Mapping[str, str] = field(default_factory=dict)
+    delete: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    apps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TagSyncConfig:
+    group_id: str = "onesignal-tag-sync"
+    topics: tuple[str, ...] = ()
+    alias_label: str = "external_id"
+    flush_interval_s: float = 1.0
+    max_keys_per_request: int = 100
+    per_user_interval_s: float = 1.0
+    app_rate_limit: float = 500.0
+    max_concurrency: int = 64
+    max_attempts: int = 8
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    max_retry_elapsed_s: float = 900.0
+    dead_letter_topic: str = "onesignal.tag-sync.dead-letter"
+    delete_value: str = ""
+    max_poll_records: int = 500
+    metrics_port: int = 9102
+    rules: tuple[TagRule, ...] = ()
+
+    def resolved_topics(self, template: str) -> tuple[str, ...]:
+        if self.topics:
+            return self.topics
+        return tuple(dict.fromkeys(template.format(channel=c) for c in CHANNELS))
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    allowlist: AllowlistConfig = field(default_factory=AllowlistConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    sources: tuple[SourceConfig, ...] = ()
+    onesignal: OneSignalConfig = field(default_factory=OneSignalConfig)
+    tag_sync: TagSyncConfig = field(default_factory=TagSyncConfig)
+    path: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+class _Section:
+    """Typed reads from one TOML table, with the table's dotted name for error messages."""
+
+    def __init__(self, data: Any, key: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(key, f"must be a table, got {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.key = key
+        self.used: set[str] = set()
+
+    def _name(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def _get(self, name: str, default: Any) -> Any:
+        self.used.add(name)
+        return self.data.get(name, default)
+
+    def str(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(name, default)
+        if not isinstance(value, str):
+            raise ConfigError(self._name(name), f"must be a string, got {value!r}")
+        if choices and value not in choices:
+            raise ConfigError(self._name(name), f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self._name(name), f"must be true or false, got {value!r}")
+        return value
+
+    def int(self, name: str, default: int, minimum: int | None = None) -> int:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self._name(name), f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(self._name(name), f"must be at least {minimum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, minimum: float | None = None) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self._name(name), f"must be a number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(self._name(name), f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def strs(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(name, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(self._name(name), f"must be a list of strings, got {value!r}")
+        return tuple(value)
+
+    def table(self, name: str) -> _Section:
+        return _Section(self._get(name, {}), self._name(name))
+
+    def tables(self, name: str) -> list[_Section]:
+        value = self._get(name, [])
+        if not isinstance(value, list):
+            raise ConfigError(self._name(name), "must be an array of tables ([[...]])")
+        return [_Section(item, f"{self._name(name)}[{i}]") for i, item in enumerate(value)]
+
+    def str_map(self, name: str) -> dict[str, str]:
+        value = self._get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(self._name(name), "must be a table of strings")
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise ConfigError(f"{self._name(name)}.{k}", f"must be a string, got {v!r}")
+        return dict(value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(self._name(unknown[0]), "unknown key (check the spelling)")
+
+
+def _env_secret(env: Mapping[str, str], key: str, var: str, *, required: bool) -> Secret | None:
+    if not var:
+        if required:
+            raise ConfigError(key, "must name an environment variable")
+        return None
+    value = env.get(var)
+    if value is None or value.strip() == "":
+        if required:
+            raise ConfigError(key, f"environment variable {var} is not set or empty")
+        return None
+    return Secret(value.strip())
+
+
+def _cidrs(key: str, values: tuple[str, ...]) -> tuple[str, ...]:
+    for i, value in enumerate(values):
+        try:
+            netaddr.IPNetwork(value, flags=netaddr.INET_PTON)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise ConfigError(f"{key}[{i}]", f"not an IP address or CIDR: {value!r}") from None
+    return values
+
+
+def _template_ok(key: str, template: str) -> str:
+    try:
+        template.format(channel="push")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(key, "may only use the placeholder {channel}") from None
+    return template
+
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def _topic_ok(key: str, topic: str) -> str:
+    if not _TOPIC_RE.match(topic.replace("{channel}", "push")):
+        raise ConfigError(key, f"not a valid Kafka topic name: {topic!r}")
+    return topic
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML; ``env`` resolves the secrets' variables."""
+    env = os.environ if env is None else env
+    root = _Section(dict(data), "")
+
+    s = root.table("server")
+    server = ServerConfig(
+        host=s.str("host", ServerConfig.host),
+        port=s.int("port", ServerConfig.port, minimum=0),
+        trusted_proxies=_cidrs(
+            "server.trusted_proxies", s.strs("trusted_proxies", ServerConfig.trusted_proxies)
+        ),
+        max_body_bytes=s.int("max_body_bytes", ServerConfig.max_body_bytes, minimum=256),
+        max_json_depth=s.int("max_json_depth", ServerConfig.max_json_depth, minimum=2),
+        timeout_keep_alive=s.int("timeout_keep_alive", ServerConfig.timeout_keep_alive, minimum=1),
+        limit_concurrency=s.int("limit_concurrency", 0, minimum=0),
+        graceful_shutdown_s=s.float("graceful_shutdown_s", 20.0, minimum=0),
+        log_level=s.str("log_level", "info", ("debug", "info", "warning", "error")),
+        access_log=s.bool("access_log", False),
+    )
+    s.finish()
+
+    a = root.table("allowlist")
+    allowlist = AllowlistConfig(
+        scopes=a.strs("scopes", AllowlistConfig.scopes),
+        snapshot=a.str("snapshot", ""),
+        include_onesignal_published=a.bool("include_onesignal_published", True),
+        extra_cidrs=_cidrs("allowlist.extra_cidrs", a.strs("extra_cidrs", ())),
+        refresh_url=a.str("refresh_url", ""),
+        refresh_interval_s=a.float("refresh_interval_s", 0.0, minimum=0),
+    )
+    if allowlist.refresh_interval_s and not allowlist.refresh_url:
+        raise ConfigError("allowlist.refresh_url", "must be set when refresh_interval_s > 0")
+    if allowlist.refresh_interval_s and allowlist.refresh_interval_s < 60:
+        raise ConfigError("allowlist.refresh_interval_s", "must be 0 (off) or at least 60")
+    a.finish()
+
+    k = root.table("kafka")
+    kafka = KafkaConfig(
+        bootstrap_servers=k.str("bootstrap_servers", KafkaConfig.bootstrap_servers),
+        api_version=k.str("api_version", ""),
+        client_id=k.str("client_id", KafkaConfig.client_id),
+        topic=_topic_ok("kafka.topic", _template_ok("kafka.topic", k.str("topic", KafkaConfig.topic))),
+        dead_letter_topic=_topic_ok(
+            "kafka.dead_letter_topic", k.str("dead_letter_topic", KafkaConfig.dead_letter_topic)
+        ),
+        content_mode=k.str("content_mode", "binary", ("binary", "structured")),
+        unknown_kinds=k.str("unknown_kinds", "publish", ("publish", "dead-letter")),
+        ack_timeout_s=k.float("ack_timeout_s", 5.0, minimum=0.1),
+        max_in_flight=k.int("max_in_flight", 5000, minimum=1),
+        retry_after_s=k.int("retry_after_s", 5, minimum=1),
+        linger_ms=k.int("linger_ms", 5, minimum=0),
+        batch_size=k.int("batch_size", 32768, minimum=1024),
+        compression_type=k.str("compression_type", "", ("", "gzip", "snappy", "lz4", "zstd")),
+        request_timeout_ms=k.int("request_timeout_ms", 10000, minimum=100),
+        delivery_timeout_ms=k.int("delivery_timeout_ms", 30000, minimum=100),
+        max_block_ms=k.int("max_block_ms", 2000, minimum=0),
+        security_protocol=k.str(
+            "security_protocol", "PLAINTEXT", ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+        ),
+        sasl_mechanism=k.str("sasl_mechanism", "", ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
+        sasl_username=k.str("sasl_username", ""),
+        sasl_password=_env_secret(
+            env, "kafka.sasl_password_env", k.str("sasl_password_env", ""), required=False
+        ),
+        ssl_cafile=k.str("ssl_cafile", ""),
+    )
+    if kafka.api_version and not re.fullmatch(r"\d+(\.\d+){1,2}", kafka.api_version):
+        raise ConfigError("kafka.api_version", f"must look like '2.3' or be empty, got {kafka.api_version!r}")
+    if kafka.delivery_timeout_ms < kafka.linger_ms + kafka.request_timeout_ms:
+        raise ConfigError(
+            "kafka.delivery_timeout_ms", "must be at least linger_ms + request_timeout_ms"
+        )
+    k.finish()
+
+    d = root.table("dedupe")
+    dedupe = DedupeConfig(
+        window_s=d.float("window_s", 3600.0, minimum=0),
+        max_entries=d.int("max_entries", 1_000_000, minimum=0),
+    )
+    d.finish()
+
+    sources: list[SourceConfig] = []
+    seen_paths: set[str] = set()
+    seen_names: set[str] = set()
+    for t in root.tables("sources"):
+        fmt = t.str("format", "event-stream", SOURCE_FORMATS)
+        name = t.str("name", "")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"{t.key}.name", "must be 1-64 letters, digits, '.', '_' or '-'")
+        path = t.str("path", "")
+        if not path.startswith("/") or path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+            raise ConfigError(f"{t.key}.path", f"must start with '/' and not be a built-in route: {path!r}")
+        if path in seen_paths or name in seen_names:
+            raise ConfigError(t.key, f"duplicate source name or path ({name!r}, {path!r})")
+        seen_paths.add(path)
+        seen_names.add(name)
+        web = fmt == "web-push"
+        require_secret = t.bool("require_secret", not web)
+        secrets_env = t.str("secrets_env", "")
+        secrets: tuple[Secret, ...] = ()
+        if secrets_env:
+            raw = env.get(secrets_env, "")
+            secrets = tuple(Secret(p.strip()) for p in raw.split(",") if p.strip())
+        if require_secret and not secrets:
+            why = "is not set or empty" if secrets_env else "is required when require_secret = true"
+            raise ConfigError(
+                f"{t.key}.secrets_env",
+                f"{secrets_env or 'secrets_env'} {why} (comma-separated accepted secrets)",
+            )
+        mapping = t.str_map("mapping")
+        for field_name, pointer in mapping.items():
+            if field_name not in MAPPABLE_FIELDS:
+                raise ConfigError(
+                    f"{t.key}.mapping.{field_name}",
+                    f"unknown field; one of {', '.join(MAPPABLE_FIELDS)}",
+                )
+            if not pointer.startswith("/"):
+                raise ConfigError(
+                    f"{t.key}.mapping.{field_name}", "must be a JSON Pointer such as '/event/kind'"
+                )
+        sources.append(
+            SourceConfig(
+                name=name,
+                path=path,
+                format=fmt,
+                require_allowlisted_ip=t.bool("require_allowlisted_ip", not web),
+                secret_header=t.str("secret_header", "authorization").lower(),
+                secrets_env=secrets_env,
+                secrets=secrets,
+                require_secret=require_secret,
+                app_id=t.str("app_id", ""),
+                cors_origins=t.strs("cors_origins", ("*",)),
+                mapping=mapping,
+            )
+        )
+        t.finish()
+
+    o = root.table("onesignal")
+    apps: list[OneSignalApp] = []
+    for t in o.tables("apps"):
+        app_id = t.str("app_id", "")
+        if not app_id:
+            raise ConfigError(f"{t.key}.app_id", "is required")
+        key_env = t.str("api_key_env", "")
+        apps.append(
+            OneSignalApp(
+                app_id=app_id,
+                api_key_env=key_env,
+                api_key=_env_secret(env, f"{t.key}.api_key_env", key_env, required=False),
+            )
+        )
+        t.finish()
+    onesignal = OneSignalConfig(
+        api_url=o.str("api_url", OneSignalConfig.api_url).rstrip("/"),
+        timeout_s=o.float("timeout_s", 10.0, minimum=0.1),
+        apps=tuple(apps),
+    )
+    if not onesignal.api_url.startswith(("http://", "https://")):
+        raise ConfigError("onesignal.api_url", "must start with http:// or https://")
+    o.finish()
+
+    ts = root.table("tag_sync")
+    rules: list[TagRule] = []
+    for t in ts.tables("rules"):
+        kinds = t.strs("kinds", ())
+        if not kinds:
+            raise ConfigError(f"{t.key}.kinds", "must list at least one event kind (globs allowed)")
+        tags = t.str_map("tags")
+        delete = t.strs("delete", ())
+        if not tags and not delete:
+            raise ConfigError(t.key, "needs `tags` or `delete`")
+        rules.append(
+            TagRule(
+                kinds=kinds,
+                tags=tags,
+                delete=delete,
+                channels=t.strs("channels", ()),
+                apps=t.strs("apps", ()),
+            )
+        )
+        t.finish()
+    tag_sync = TagSyncConfig(
+        group_id=ts.str("group_id", TagSyncConfig.group_id),
+        topics=ts.strs("topics", ()),
+        alias_label=ts.str("alias_label", "external_id", ("external_id", "onesignal_id")),
+        flush_interval_s=ts.float("flush_interval_s", 1.0, minimum=0),
+        max_keys_per_request=ts.int("max_keys_per_request", 100, minimum=1),
+        per_user_interval_s=ts.float("per_user_interval_s", 1.0, minimum=0),
+        app_rate_limit=ts.float("app_rate_limit", 500.0, minimum=0.1),
+        max_concurrency=ts.int("max_concurrency", 64, minimum=1),
+        max_attempts=ts.int("max_attempts", 8, minimum=1),
+        backoff_base_s=ts.float("backoff_base_s", 1.0, minimum=0),
+        backoff_cap_s=ts.float("backoff_cap_s", 60.0, minimum=0),
+        max_retry_elapsed_s=ts.float("max_retry_elapsed_s", 900.0, minimum=0),
+        dead_letter_topic=_topic_ok(
+            "tag_sync.dead_letter_topic",
+            ts.str("dead_letter_topic", TagSyncConfig.dead_letter_topic),
+        ),
+        delete_value=ts.str("delete_value", "", ("", "null")),
+        max_poll_records=ts.int("max_poll_records", 500, minimum=1),
+        metrics_port=ts.int("metrics_port", 9102, minimum=0),
+        rules=tuple(rules),
+    )
+    if tag_sync.max_keys_per_request > 100:
+        raise ConfigError("tag_sync.max_keys_per_request", "OneSignal accepts at most 100")
+    ts.finish()
+
+    root.finish()
+    return Config(
+        server=server,
+        allowlist=allowlist,
+        kafka=kafka,
+        dedupe=dedupe,
+        sources=tuple(sources),
+        onesignal=onesignal,
+        tag_sync=tag_sync,
+    )
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
+    cfg = parse_config(data, env)
+    return Config(
+        server=cfg.server,
+        allowlist=cfg.allowlist,
+        kafka=cfg.kafka,
+        dedupe=cfg.dedupe,
+        sources=cfg.sources,
+        onesignal=cfg.onesignal,
+        tag_sync=cfg.tag_sync,
+        path=str(p),
+    )
