@@ -103,6 +103,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8080
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    proxy_header: str = "x-forwarded-for"
     max_body_bytes: int = 65536
     max_json_depth: int = 64
     timeout_keep_alive: int = 620
@@ -385,6 +386,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         trusted_proxies=_cidrs(
             "server.trusted_proxies", s.strs("trusted_proxies", ServerConfig.trusted_proxies)
         ),
+        proxy_header=s.str("proxy_header", "x-forwarded-for", ("x-forwarded-for", "forwarded")),
         max_body_bytes=s.int("max_body_bytes", ServerConfig.max_body_bytes, minimum=256),
         max_json_depth=s.int("max_json_depth", ServerConfig.max_json_depth, minimum=2),
         timeout_keep_alive=s.int("timeout_keep_alive", ServerConfig.timeout_keep_alive, minimum=1),
