@@ -351,7 +351,7 @@ def _env_secret(env: Mapping[str, str], key: str, var: str, *, required: bool) -
 def _cidrs(key: str, values: tuple[str, ...]) -> tuple[str, ...]:
     for i, value in enumerate(values):
         try:
-            netaddr.IPNetwork(value, flags=netaddr.INET_PTON)
+            netaddr.IPNetwork(value)  # strict in netaddr >= 1.0 (no inet_aton forms)
         except (netaddr.AddrFormatError, ValueError, TypeError):
             raise ConfigError(f"{key}[{i}]", f"not an IP address or CIDR: {value!r}") from None
     return values
