@@ -1,0 +1,240 @@
+"""The Kafka sink: publish a record and wait for the broker's acknowledgement, bounded.
+
+kafka-python's producer is synchronous and its futures complete on its sender thread, so this
+module bridges them to asyncio. Three guarantees the ingress builds on:
+
+- ``publish`` returns only after Kafka acknowledged the record (``acks=all``, idempotent
+  producer); otherwise it raises :class:`Unavailable` and the request is answered 503.
+- It never waits longer than ``kafka.ack_timeout_s``.
+- Memory is bounded: kafka-python 3 has no ``buffer_memory``, so records sent but not yet
+  acknowledged or failed are counted, and past ``kafka.max_in_flight`` new publishes are
+  refused at once. A timed-out record still counts until the producer gives up on it
+  (``delivery_timeout_ms``), because it still holds memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from .config import KafkaConfig
+from .metrics import IngressMetrics
+from .records import KafkaRecord
+
+__all__ = ["KafkaSink", "PublishResult", "Unavailable"]
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(Exception):
+    """Kafka did not take the record in time; ``reason`` is a metric-friendly class."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class PublishResult:
+    __slots__ = ("offset", "partition", "topic")
+
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
+def producer_options(cfg: KafkaConfig) -> dict[str, Any]:
+    opts = cfg.client_options()
+    opts.update(
+        acks="all",
+        enable_idempotence=True,
+        max_in_flight_requests_per_connection=5,
+        linger_ms=cfg.linger_ms,
+        batch_size=cfg.batch_size,
+        request_timeout_ms=cfg.request_timeout_ms,
+        delivery_timeout_ms=cfg.delivery_timeout_ms,
+        max_block_ms=cfg.max_block_ms,
+    )
+    if cfg.compression_type:
+        opts["compression_type"] = cfg.compression_type
+    return opts
+
+
+class KafkaSink:
+    def __init__(self, cfg: KafkaConfig, metrics: IngressMetrics, warm_topics: tuple[str, ...] = ()):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.warm_topics = warm_topics
+        self._producer: KafkaProducer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        # completions arrive on the producer's sender thread; they are queued here and drained
+        # on the event loop with one wake-up per batch rather than one per record
+        self._done: collections.deque[tuple[asyncio.Future[PublishResult], Any, bool]] = (
+            collections.deque()
+        )
+        self._wake_pending = False
+        self._known_topics: set[str] = set()
+        self._connect_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.last_error: str | None = None
+        self.last_ack_at: float | None = None
+        self.last_failure_at: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the producer in the background; until it exists, publishes answer 503."""
+        self._loop = asyncio.get_running_loop()
+        self._connect_task = asyncio.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
+        assert self._loop is not None
+        delay = 0.5
+        while not self._closed and self._producer is None:
+            try:
+                self._producer = await self._loop.run_in_executor(
+                    None, lambda: KafkaProducer(**producer_options(self.cfg))
+                )
+                log.info("kafka producer created", extra={"bootstrap": self.cfg.bootstrap_servers})
+            except Exception as exc:  # NoBrokersAvailable, config errors surface here
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("kafka producer not created yet, retrying", extra={"error": self.last_error})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for topic in self.warm_topics:
+            await self._warm(topic)
+
+    async def _warm(self, topic: str) -> None:
+        """Fetch a topic's metadata off the loop, so later sends never block on it."""
+        assert self._loop is not None and self._producer is not None
+        producer = self._producer
+        try:
+            await self._loop.run_in_executor(None, producer.partitions_for, topic)
+            self._known_topics.add(topic)
+        except KafkaError as exc:
+            log.warning("metadata warm-up failed", extra={"topic": topic, "error": str(exc)})
+
+    async def close(self, timeout_s: float = 15.0) -> None:
+        """Flush what was sent and close; bounded so a dead broker cannot hold shutdown."""
+        self._closed = True
+        if self._connect_task:
+            self._connect_task.cancel()
+        producer, self._producer = self._producer, None
+        if producer is not None and self._loop is not None:
+            await self._loop.run_in_executor(None, lambda: producer.close(timeout=timeout_s))
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def connected(self) -> bool:
+        p = self._producer
+        if p is None:
+            return False
+        try:
+            return bool(p.bootstrap_connected())
+        except Exception:  # noqa: BLE001 - a readiness probe must never raise
+            return False
+
+    def ready(self) -> tuple[bool, str]:
+        if self._producer is None:
+            return False, f"kafka producer not connected ({self.last_error or 'starting'})"
+        if self._in_flight >= self.cfg.max_in_flight:
+            return False, "kafka backlog at max_in_flight"
+        if self.last_failure_at and (self.last_ack_at or 0) < self.last_failure_at:
+            return False, f"last publish failed: {self.last_error}"
+        return True, "ok"
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(self, record: KafkaRecord) -> PublishResult:
+        producer = self._producer
+        loop = self._loop
+        if producer is None or loop is None:
+            self._fail("not_connected", "Kafka producer is not connected yet")
+        with self._in_flight_lock:
+            if self._in_flight >= self.cfg.max_in_flight:
+                full = True
+            else:
+                full = False
+                self._in_flight += 1
+        if full:
+            self._fail("backpressure", f"{self.cfg.max_in_flight} records await Kafka already")
+        self.metrics.in_flight.set(self._in_flight)
+        fut: asyncio.Future[PublishResult] = loop.create_future()
+        started = time.perf_counter()
+        try:
+            if record.topic in self._known_topics:
+                kfut = producer.send(
+                    record.topic, value=record.value, key=record.key, headers=record.headers
+                )
+            else:
+                kfut = await loop.run_in_executor(
+                    None,
+                    lambda: producer.send(
+                        record.topic, value=record.value, key=record.key, headers=record.headers
+                    ),
+                )
+                self._known_topics.add(record.topic)
+        except Exception as exc:  # KafkaTimeoutError on metadata, BufferError, closed producer
+            self._release()
+            self._fail("error", f"send failed: {type(exc).__name__}: {exc}")
+        kfut.add_callback(self._on_done, fut, True)
+        kfut.add_errback(self._on_done, fut, False)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), self.cfg.ack_timeout_s)
+        except TimeoutError:
+            self._fail("timeout", f"no acknowledgement from Kafka within {self.cfg.ack_timeout_s}s")
+        except KafkaError as exc:
+            self._fail("error", f"Kafka refused the record: {type(exc).__name__}: {exc}")
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        self.metrics.published.labels(result.topic).inc()
+        self.last_ack_at = time.monotonic()
+        return result
+
+    def _fail(self, reason: str, message: str) -> Any:
+        self.metrics.publish_failures.labels(reason).inc()
+        self.last_error = message
+        self.last_failure_at = time.monotonic()
+        raise Unavailable(reason, message)
+
+    def _release(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+
+    def _on_done(self, fut: asyncio.Future[PublishResult], ok: bool, value: Any) -> None:
+        # runs on the producer's sender thread
+        self._release()
+        self._done.append((fut, value, ok))
+        if not self._wake_pending and self._loop is not None:
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+    def _drain(self) -> None:
+        self._wake_pending = False
+        self.metrics.in_flight.set(self._in_flight)
+        while self._done:
+            fut, value, ok = self._done.popleft()
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(PublishResult(value.topic, value.partition, value.offset))
+            else:
+                fut.set_exception(value if isinstance(value, BaseException) else KafkaError(str(value)))
+                # mark it retrieved: if the request already timed out, nobody awaits it anymore
+                fut.exception()
