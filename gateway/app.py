@@ -1,0 +1,407 @@
+"""The ingress: an HTTP source per configured route, ending in the Kafka sink.
+
+One request goes: client IP (trusted proxies) -> allowlist -> shared secret -> body ->
+parse -> normalize -> dedupe -> publish and wait for the ack -> answer. Nothing is answered
+2xx unless Kafka acknowledged it (the event's record, or its dead-letter record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import kinds, normalize, ranges, trust
+from .config import Config, SourceConfig
+from .dedupe import SeenWindow
+from .event import NormalizationError, NormalizedEvent, Received
+from .metrics import IngressMetrics
+from .middleware.bodylimit import BodyLimitMiddleware, BodyTooLarge
+from .openapi import openapi_document
+from .parsing import BadRequest, decode_body
+from .records import KafkaRecord, build_dead_letter, build_record
+from .sink import KafkaSink, PublishResult, Unavailable
+
+__all__ = ["Gateway", "create_app"]
+
+log = logging.getLogger("gateway.ingress")
+
+_WRITE_METHODS = ("POST", "PUT", "PATCH")
+
+
+class _OrjsonResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return _OrjsonResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+@dataclass
+class Gateway:
+    """What the routes share: config, the sink, the allowlist, metrics, the dedupe window."""
+
+    config: Config
+    sink: KafkaSink
+    allowlist: ranges.Allowlist
+    metrics: IngressMetrics
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    proxies: trust.TrustedProxies = field(init=False)
+    seen: SeenWindow = field(init=False)
+    # ids whose record is being published right now: a concurrent duplicate waits for the outcome
+    pending: dict[str, asyncio.Future[bool]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.proxies = trust.TrustedProxies(self.config.server.trusted_proxies)
+        self.seen = SeenWindow(self.config.dedupe.window_s, self.config.dedupe.max_entries)
+
+    def received(self, source: SourceConfig, client_ip: str) -> Received:
+        return Received(source=source.name, at=datetime.fromtimestamp(self.clock(), UTC), client_ip=client_ip)
+
+
+def _secret_ok(values: list[bytes], secrets: tuple[bytes, ...]) -> bool:
+    """Constant-time comparison against every accepted secret (no early exit)."""
+    if len(values) != 1:
+        return False
+    value = values[0].strip()
+    candidates = [value]
+    if value[:7].lower() == b"bearer ":
+        candidates.append(value[7:].strip())
+    ok = False
+    for candidate in candidates:
+        for secret in secrets:
+            ok |= hmac.compare_digest(candidate, secret)
+    return ok
+
+
+def _cors_headers(source: SourceConfig, request: Request) -> dict[str, str]:
+    origin = request.headers.get("origin")
+    if origin is None:
+        return {}
+    if "*" in source.cors_origins:
+        allow = "*"
+    elif origin in source.cors_origins:
+        allow = origin
+    else:
+        return {}
+    headers = {"access-control-allow-origin": allow}
+    if allow != "*":
+        headers["vary"] = "Origin"
+    return headers
+
+
+class _SourceRoute:
+    """The handler of one configured source."""
+
+    def __init__(self, gw: Gateway, source: SourceConfig) -> None:
+        self.gw = gw
+        self.source = source
+        self.secrets = tuple(s.reveal().encode() for s in source.secrets)
+        self.secret_header = source.secret_header.encode()
+        self.header_name = gw.config.server.proxy_header.encode()
+        self.allow_text = source.format == "journey"
+        self.outcomes = {
+            name: gw.metrics.requests.labels(source.name, name)
+            for name in (
+                "accepted",
+                "duplicate",
+                "dead_lettered",
+                "forbidden_ip",
+                "forbidden_secret",
+                "bad_request",
+                "unsupported_media_type",
+                "unavailable",
+                "method_not_allowed",
+                "too_large",
+            )
+        }
+        self.latency = gw.metrics.request_seconds.labels(source.name)
+
+    async def __call__(self, request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await self.handle(request)
+        finally:
+            self.latency.observe(time.perf_counter() - started)
+        cors = _cors_headers(self.source, request) if self.source.format == "web-push" else {}
+        response.headers.update(cors)
+        return response
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome].inc()
+
+    async def handle(self, request: Request) -> Response:
+        source = self.source
+        if request.method == "OPTIONS" and source.format == "web-push":
+            return Response(
+                status_code=204,
+                headers={
+                    "access-control-allow-methods": "POST, OPTIONS",
+                    "access-control-allow-headers": "content-type, x-onesignal-event",
+                    "access-control-max-age": "86400",
+                },
+            )
+        if request.method not in _WRITE_METHODS:
+            self._count("method_not_allowed")
+            return _error(
+                405,
+                "method-not-allowed",
+                f"{request.method} is not accepted here; send POST",
+                {"allow": "POST, PUT, PATCH" + (", OPTIONS" if source.format == "web-push" else "")},
+            )
+
+        peer = request.scope.get("client")
+        client = trust.resolve_client_ip(
+            peer[0] if peer else None, request.scope["headers"], self.gw.proxies, self.header_name.decode()
+        )
+        if source.require_allowlisted_ip and not self.gw.allowlist.contains(client.ip):
+            self._count("forbidden_ip")
+            log.info(
+                "refused: sender not in allowlist",
+                extra={"source": source.name, "client_ip": client.ip, "malformed_chain": client.malformed},
+            )
+            return _error(403, "forbidden", "sender address is not allowed (ip-not-allowed)")
+        if source.require_secret:
+            values = [v for k, v in request.scope["headers"] if k == self.secret_header]
+            if not _secret_ok(values, self.secrets):
+                self._count("forbidden_secret")
+                reason = "secret-missing" if not values else (
+                    "secret-repeated" if len(values) > 1 else "secret-invalid"
+                )
+                log.info("refused: %s", reason, extra={"source": source.name, "client_ip": client.ip})
+                return _error(403, "forbidden", f"shared secret check failed ({reason})")
+
+        try:
+            body = await request.body()
+        except BodyTooLarge:
+            raise  # the middleware answers 413
+        content_type = request.headers.get("content-type")
+        try:
+            payload = decode_body(
+                body,
+                content_type,
+                max_depth=self.gw.config.server.max_json_depth,
+                allow_text=self.allow_text,
+            )
+        except BadRequest as exc:
+            self._count("unsupported_media_type" if exc.status == 415 else "bad_request")
+            return _error(exc.status, exc.code, exc.message)
+
+        received = self.gw.received(source, client.ip)
+        try:
+            if isinstance(payload, str):
+                raise NormalizationError("not-json", "the body is plain text, not JSON")
+            event = normalize.normalize(
+                payload,
+                fmt=source.format,
+                mapping=source.mapping,
+                default_app_id=source.app_id or None,
+            )
+        except NormalizationError as exc:
+            return await self._dead_letter(exc.reason, str(exc), body, content_type, received)
+        if event.kind not in kinds.KNOWN_KINDS and self.gw.config.kafka.unknown_kinds == "dead-letter":
+            return await self._dead_letter(
+                "unknown-kind", f"event kind {event.kind!r} is not known", body, content_type, received
+            )
+        return await self._publish_event(event, received)
+
+    async def _publish_event(self, event: NormalizedEvent, received: Received) -> Response:
+        gw = self.gw
+        cfg = gw.config.kafka
+        now = gw.monotonic()
+        if gw.seen.seen(event.id, now):
+            self._count("duplicate")
+            return _OrjsonResponse({"status": "duplicate", "id": event.id})
+        pending = gw.pending.get(event.id)
+        if pending is not None:
+            # the same event is being published by a concurrent request: share its outcome
+            try:
+                ok = await asyncio.wait_for(asyncio.shield(pending), cfg.ack_timeout_s)
+            except TimeoutError:
+                ok = False
+            if ok:
+                self._count("duplicate")
+                return _OrjsonResponse({"status": "duplicate", "id": event.id})
+            return self._unavailable("the first delivery of this event id did not reach Kafka")
+
+        record = build_record(
+            event,
+            received,
+            topic_template=cfg.topic,
+            source_name=self.source.name,
+            content_mode=cfg.content_mode,
+        )
+        marker: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        gw.pending[event.id] = marker
+        try:
+            result = await gw.sink.publish(record)
+        except Unavailable as exc:
+            marker.set_result(False)
+            return self._unavailable(str(exc))
+        finally:
+            gw.pending.pop(event.id, None)
+        marker.set_result(True)
+        gw.seen.add(event.id, gw.monotonic())
+        gw.metrics.dedupe_entries.set(len(gw.seen))
+        gw.metrics.events.labels(event.kind).inc()
+        self._count("accepted")
+        return _OrjsonResponse(_accepted_body(event.id, result))
+
+    async def _dead_letter(
+        self, reason: str, detail: str, body: bytes, content_type: str | None, received: Received
+    ) -> Response:
+        record = build_dead_letter(
+            topic=self.gw.config.kafka.dead_letter_topic,
+            reason=reason,
+            detail=detail,
+            body=body,
+            source_name=self.source.name,
+            received=received,
+            content_type=content_type or "",
+        )
+        return await self._publish_dead_letter(record, reason)
+
+    async def _publish_dead_letter(self, record: KafkaRecord, reason: str) -> Response:
+        try:
+            result = await self.gw.sink.publish(record)
+        except Unavailable as exc:
+            return self._unavailable(str(exc))
+        self.gw.metrics.dead_letters.labels(self.source.name, reason).inc()
+        self._count("dead_lettered")
+        log.warning(
+            "payload dead-lettered",
+            extra={"source": self.source.name, "reason": reason, "offset": result.offset},
+        )
+        body = _accepted_body(None, result)
+        body.update(status="dead-lettered", reason=reason)
+        return _OrjsonResponse(body)
+
+    def _unavailable(self, detail: str) -> Response:
+        self._count("unavailable")
+        retry_after = str(self.gw.config.kafka.retry_after_s)
+        log.warning("answered 503", extra={"source": self.source.name, "detail": detail})
+        return _error(
+            503,
+            "unavailable",
+            "the event could not be stored durably right now; retry later",
+            {"retry-after": retry_after},
+        )
+
+
+def _accepted_body(event_id: str | None, result: PublishResult) -> dict[str, Any]:
+    return {
+        "status": "accepted",
+        "id": event_id,
+        "topic": result.topic,
+        "partition": result.partition,
+        "offset": result.offset,
+    }
+
+
+def create_app(
+    config: Config,
+    *,
+    metrics: IngressMetrics | None = None,
+    allowlist: ranges.Allowlist | None = None,
+    sink: KafkaSink | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The ingress ASGI app. The sink connects in the app's lifespan."""
+    metrics = metrics or IngressMetrics()
+    allowlist = allowlist or ranges.Allowlist.from_config(config.allowlist)
+    warm = tuple(
+        dict.fromkeys(
+            [config.kafka.topic.format(channel=c) for c in ("push", "email", "sms", "iam", "live_activity")]
+            + [config.kafka.dead_letter_topic]
+        )
+    )
+    sink = sink or KafkaSink(config.kafka, metrics, warm_topics=warm)
+    gw = Gateway(config=config, sink=sink, allowlist=allowlist, metrics=metrics, clock=clock)
+    metrics.allowlist_ranges.set(allowlist.size)
+
+    async def healthz(request: Request) -> Response:
+        return _OrjsonResponse({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        kafka_ok, kafka_detail = gw.sink.ready()
+        allow_ok = gw.allowlist.loaded
+        status = 200 if kafka_ok and allow_ok else 503
+        return _OrjsonResponse(
+            {
+                "status": "ready" if status == 200 else "not-ready",
+                "kafka": kafka_detail,
+                "allowlist": {"loaded": allow_ok, "ranges": gw.allowlist.size,
+                              "sync_token": gw.allowlist.sync_token},
+            },
+            status_code=status,
+        )
+
+    async def metrics_route(request: Request) -> Response:
+        metrics.allowlist_ranges.set(gw.allowlist.size)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    doc = openapi_document(config)
+
+    async def openapi(request: Request) -> Response:
+        return _OrjsonResponse(doc)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    path_to_source: dict[str, str] = {}
+    for source in config.sources:
+        handler = _SourceRoute(gw, source)
+        routes.append(Route(source.path, handler, methods=["GET", "HEAD", "OPTIONS", *_WRITE_METHODS, "DELETE"]))
+        path_to_source[source.path] = source.name
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        refresher_stop = asyncio.Event()
+        refresher_task: asyncio.Task[None] | None = None
+        await gw.sink.start()
+        if config.allowlist.refresh_interval_s > 0:
+            refresher = ranges.RangeRefresher(gw.allowlist, config.allowlist)
+            refresher_task = asyncio.create_task(refresher.run(refresher_stop))
+        log.info(
+            "ingress started",
+            extra={"sources": [s.name for s in config.sources], "allowlist_ranges": gw.allowlist.size},
+        )
+        try:
+            yield
+        finally:
+            refresher_stop.set()
+            if refresher_task:
+                refresher_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher_task
+            await gw.sink.close(timeout_s=min(15.0, config.server.graceful_shutdown_s or 15.0))
+            log.info("ingress stopped: producer flushed and closed")
+
+    def on_too_large(path: str) -> None:
+        name = path_to_source.get(path)
+        if name is not None:
+            metrics.requests.labels(name, "too_large").inc()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gw
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.server.max_body_bytes, on_refuse=on_too_large)
+    return app
+

@@ -1,0 +1,102 @@
+"""Running the ingress under uvicorn, with the settings a load-balanced webhook target needs.
+
+uvicorn's own proxy-header rewriting is off: the gateway resolves the client address itself
+(:mod:`gateway.trust`), so there is one implementation of that rule, not two that disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from .config import Config
+
+__all__ = ["ServerThread", "bind_socket", "uvicorn_config"]
+
+
+def uvicorn_config(app: Any, config: Config, **overrides: Any) -> uvicorn.Config:
+    s = config.server
+    options: dict[str, Any] = {
+        "host": s.host,
+        "port": s.port,
+        "proxy_headers": False,
+        "server_header": False,
+        "date_header": True,
+        "timeout_keep_alive": s.timeout_keep_alive,
+        "timeout_graceful_shutdown": s.graceful_shutdown_s or None,
+        "access_log": s.access_log,
+        "log_config": None,
+        "lifespan": "on",
+    }
+    if s.limit_concurrency:
+        options["limit_concurrency"] = s.limit_concurrency
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class ServerThread:
+    """A uvicorn server on its own thread and event loop, on a socket bound up front.
+
+    For the demo and the tests: the port is known before the server starts (port 0 picks a
+    free one), and ``stop()`` runs uvicorn's graceful shutdown (lifespan included).
+    """
+
+    def __init__(self, app: Any, config: Config, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = bind_socket(host, port)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn_config(app, config, host=host, port=self.port))
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            self.error = exc
+
+    def start(self, timeout_s: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = threading.Event()
+        for _ in range(int(timeout_s * 50)):
+            if self.server.started or self.error or not self.thread.is_alive():
+                break
+            deadline.wait(0.02)
+        if not self.server.started:
+            raise RuntimeError(f"server did not start: {self.error!r}")
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ServerThread]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
