@@ -1,0 +1,80 @@
+"""``gateway check-config``: what an operator wants to know before starting a replica."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TextIO
+
+import httpx
+
+from . import ranges
+from .config import Config
+
+__all__ = ["check_config"]
+
+
+def _kafka_reachable(cfg: Config) -> tuple[bool, str]:
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(
+            **cfg.kafka.client_options(), request_timeout_ms=10000, api_version_auto_timeout_ms=5000
+        )
+    except (KafkaError, ValueError, OSError) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    try:
+        topics = consumer.topics()
+        return True, f"{len(topics)} topics visible"
+    except KafkaError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    finally:
+        consumer.close()
+
+
+def _onesignal_key_ok(cfg: Config, app_id: str, key: str) -> tuple[bool, str]:
+    """Look up a user that does not exist: 404 means the key was accepted, 401/403 not."""
+    url = f"{cfg.onesignal.api_url}/apps/{app_id}/users/by/external_id/check-config-{uuid.uuid4().hex}"
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Key {key}"}, timeout=cfg.onesignal.timeout_s)
+    except httpx.HTTPError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    if r.status_code in (200, 404):
+        return True, f"key accepted (HTTP {r.status_code})"
+    return False, f"HTTP {r.status_code}"
+
+
+def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
+    problems = 0
+    print(f"config: {cfg.path} is valid", file=out)
+    print(f"server: {cfg.server.host}:{cfg.server.port}, trusted proxies "
+          f"{', '.join(cfg.server.trusted_proxies) or '(none)'} via {cfg.server.proxy_header}", file=out)
+    for src in cfg.sources:
+        secret = (f"{len(src.secrets)} secret(s) from ${src.secrets_env} in header {src.secret_header}"
+                  if src.require_secret else "no secret required")
+        ip = "allowlisted senders only" if src.require_allowlisted_ip else "any sender address"
+        print(f"source {src.name}: {src.path} ({src.format}); {ip}; {secret}", file=out)
+    try:
+        allow = ranges.Allowlist.from_config(cfg.allowlist)
+        print(f"allowlist: {allow.size} ranges (scopes {', '.join(cfg.allowlist.scopes)}, "
+              f"syncToken {allow.sync_token})", file=out)
+    except (ranges.RangesError, OSError) as exc:
+        problems += 1
+        print(f"allowlist: FAILED: {exc}", file=out)
+    ok, detail = _kafka_reachable(cfg)
+    problems += not ok
+    print(f"kafka {cfg.kafka.bootstrap_servers}: {'ok' if ok else 'FAILED'}: {detail}", file=out)
+    for app in cfg.onesignal.apps:
+        if app.api_key is None:
+            problems += 1
+            print(f"onesignal app {app.app_id}: FAILED: ${app.api_key_env} is not set", file=out)
+            continue
+        if online:
+            ok, detail = _onesignal_key_ok(cfg, app.app_id, app.api_key.reveal())
+            problems += not ok
+            print(f"onesignal app {app.app_id}: {'ok' if ok else 'FAILED'}: {detail}", file=out)
+        else:
+            print(f"onesignal app {app.app_id}: key present in ${app.api_key_env} "
+                  "(use --online to try it)", file=out)
+    print("all checks passed" if not problems else f"{problems} problem(s)", file=out)
+    return 0 if not problems else 1

@@ -1,0 +1,184 @@
+"""The ``gateway`` command: serve, tag-sync, demo, check-config, ranges."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from . import ranges as ranges_mod
+from .config import Config, ConfigError, load_config
+from .logs import configure_logging, register_secrets
+
+__all__ = ["main"]
+
+GOOGLE_CLOUD_JSON = "https://www.gstatic.com/ipranges/cloud.json"
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    path: str | None = args.config or os.environ.get("GATEWAY_CONFIG")
+    if not path:
+        raise ConfigError("", "no config file: pass --config FILE or set GATEWAY_CONFIG")
+    return path
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = load_config(_config_path(args))
+    secrets = [s.reveal() for src in cfg.sources for s in src.secrets]
+    secrets += [a.api_key.reveal() for a in cfg.onesignal.apps if a.api_key]
+    if cfg.kafka.sasl_password:
+        secrets.append(cfg.kafka.sasl_password.reveal())
+    register_secrets(secrets)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .server import uvicorn_config
+
+    cfg = _load(args)
+    configure_logging(cfg.server.log_level)
+    overrides = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    app = create_app(cfg)
+    server = uvicorn.Server(uvicorn_config(app, cfg, **overrides))
+    server.run()
+    return 0
+
+
+def cmd_tag_sync(args: argparse.Namespace) -> int:
+    from .tagsync.worker import run_tag_sync
+
+    cfg = _load(args)
+    configure_logging(cfg.server.log_level)
+    return run_tag_sync(cfg, dry_run=args.dry_run)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return asyncio.run(run_demo(events=args.events, show=args.show))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .checks import check_config
+
+    cfg = _load(args)
+    return check_config(cfg, online=args.online, out=sys.stdout)
+
+
+def cmd_ranges(args: argparse.Namespace) -> int:
+    from . import ranges
+
+    scopes = tuple(args.scope) if args.scope else None
+    snapshot_path = args.snapshot
+    if args.config or os.environ.get("GATEWAY_CONFIG"):
+        cfg = _load(args)
+        scopes = scopes or cfg.allowlist.scopes
+        snapshot_path = snapshot_path or cfg.allowlist.snapshot
+    scopes = scopes or ("europe-west4",)
+    current = ranges.load_snapshot(snapshot_path or None, scopes)
+    if args.action == "show":
+        print(f"snapshot: {snapshot_path or '(bundled)'}")
+        print(f"syncToken: {current.sync_token}  creationTime: {current.creation_time}")
+        print(f"scopes: {', '.join(scopes)}  prefixes: {len(current.cidrs)}")
+        for cidr in current.cidrs:
+            print(f"  {cidr}")
+        if args.onesignal:
+            print(f"OneSignal's published list ({len(ranges.ONESIGNAL_PUBLISHED)}):")
+            for cidr in ranges.ONESIGNAL_PUBLISHED:
+                print(f"  {cidr}")
+        return 0
+    # update
+    if not snapshot_path:
+        print("ranges update: pass --snapshot FILE (or allowlist.snapshot in the config) to say "
+              "where the new snapshot goes; the bundled one is read-only", file=sys.stderr)
+        return 2
+    new = asyncio.run(_download(args.url, scopes))
+    added, removed = ranges.diff(current, new)
+    for cidr in added:
+        print(f"+ {cidr}")
+    for cidr in removed:
+        print(f"- {cidr}")
+    print(f"{len(added)} added, {len(removed)} removed; syncToken {current.sync_token} -> {new.sync_token}")
+    if args.dry_run:
+        return 0
+    ranges.write_snapshot(snapshot_path, new)
+    print(f"wrote {snapshot_path} ({len(new.cidrs)} prefixes)")
+    return 0
+
+
+async def _download(url: str, scopes: Sequence[str]) -> ranges_mod.RangeSnapshot:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60.0, follow_redirects=True) as client:
+        data = await ranges_mod.fetch_cloud_json(client, url)
+    return ranges_mod.parse_cloud_json(data, scopes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="OneSignal webhooks and Event Streams into Kafka; derived tags back to OneSignal.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", help="TOML config file (default: $GATEWAY_CONFIG)")
+
+    p = sub.add_parser("serve", help="run the HTTP ingress")
+    with_config(p)
+    p.add_argument("--host", help="override server.host")
+    p.add_argument("--port", type=int, help="override server.port")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tag-sync", help="run the tag-sync worker")
+    with_config(p)
+    p.add_argument("--dry-run", action="store_true", help="print the updates instead of sending them")
+    p.set_defaults(func=cmd_tag_sync)
+
+    p = sub.add_parser("demo", help="everything on an embedded broker, with sample events")
+    p.add_argument("--events", type=int, default=2000, help="events in the throughput burst")
+    p.add_argument("--show", type=int, default=3, help="records to print in full")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("check-config", help="validate a config file and try its connections")
+    with_config(p)
+    p.add_argument("--online", action="store_true", help="also try the OneSignal API keys")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("ranges", help="show or update the sender allowlist snapshot")
+    p.add_argument("action", choices=["show", "update"])
+    with_config(p)
+    p.add_argument("--snapshot", help="snapshot file (default: allowlist.snapshot, else bundled)")
+    p.add_argument("--scope", action="append", help="cloud.json scope (repeatable)")
+    p.add_argument("--url", default=GOOGLE_CLOUD_JSON, help="where to download cloud.json from")
+    p.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    p.add_argument("--onesignal", action="store_true", help="also list OneSignal's published ranges")
+    p.set_defaults(func=cmd_ranges)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""``gateway demo``: the whole ingress on an embedded Kafka-protocol broker, end to end.
+
+It starts librdkafka's mock cluster, runs ``gateway serve`` as a child process on loopback,
+posts OneSignal sample events of every kind and layout to it (as if through a load balancer
+from europe-west4), shows what a hostile or broken sender gets, measures a burst, and reads the
+normalized CloudEvents records back from the topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from . import samples
+from .embedded_broker import API_VERSION, EmbeddedBroker
+from .kinds import KNOWN_KINDS
+
+__all__ = ["run_demo"]
+
+SECRET = "demo-" + uuid.uuid4().hex  # a fresh secret each run; never printed
+EU_WEST4_SENDER = "34.90.12.34"  # inside OneSignal's published europe-west4 ranges
+LB_HEADERS = {"x-forwarded-for": EU_WEST4_SENDER}
+
+CONFIG = """
+[server]
+host = "127.0.0.1"
+port = {port}
+trusted_proxies = ["127.0.0.1/32"]
+log_level = "warning"
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+api_version = "{api_version}"
+
+[[sources]]
+name = "event-stream"
+path = "/v1/onesignal/events"
+format = "event-stream"
+secrets_env = "DEMO_SECRETS"
+
+[[sources]]
+name = "journey"
+path = "/v1/onesignal/journey"
+format = "journey"
+secrets_env = "DEMO_SECRETS"
+
+[[sources]]
+name = "web-push"
+path = "/v1/onesignal/web-push"
+format = "web-push"
+app_id = "{app_id}"
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _h(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 76 - len(title)))
+
+
+async def _wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway serve exited with {proc.returncode}")
+        try:
+            r = await client.get("/readyz")
+            if r.status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError("gateway did not become ready")
+
+
+def _line(label: str, r: httpx.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    where = ""
+    if "topic" in body:
+        where = f"{body['topic']}[{body['partition']}]@{body['offset']}"
+    detail = body.get("status") or body.get("error", "")
+    if body.get("message") and r.status_code >= 400:
+        detail += f": {body['message']}"
+    return f"  {label:<44} {r.status_code}  {detail:<14} {where}"
+
+
+async def _post(client: httpx.AsyncClient, path: str, payload: Any, **kw: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {SECRET}", "content-type": "application/json", **LB_HEADERS}
+    headers.update(kw.pop("headers", {}))
+    content = kw.pop("content", None)
+    if content is None:
+        content = orjson.dumps(payload)
+    return await client.post(path, content=content, headers=headers, **kw)
+
+
+async def _burst(client: httpx.AsyncClient, n: int, concurrency: int = 64) -> dict[str, float]:
+    bodies = [
+        orjson.dumps(samples.event_stream_payload("message.push.sent", event_id=str(uuid.uuid4())))
+        for _ in range(n)
+    ]
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+
+    async def worker() -> None:
+        while True:
+            try:
+                body = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t = time.perf_counter()
+            r = await _post(client, "/v1/onesignal/events", None, content=body)
+            latencies.append(time.perf_counter() - t)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests": n,
+        "seconds": elapsed,
+        "rps": n / elapsed,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "ok": statuses.get(200, 0),
+        "errors": n - statuses.get(200, 0),
+    }
+
+
+def _read_back(bootstrap: str, topics: list[str]) -> list[Any]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap.split(","),
+        api_version=tuple(int(p) for p in API_VERSION.split(".")),
+        enable_auto_commit=False,
+    )
+    try:
+        tps = []
+        for t in topics:
+            for p in consumer.partitions_for_topic(t) or ():
+                tps.append(TopicPartition(t, p))
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(consumer.position(tp) < end[tp] for tp in tps):
+            for recs in consumer.poll(timeout_ms=300).values():
+                records.extend(recs)
+        return records
+    finally:
+        consumer.close()
+
+
+async def run_demo(events: int = 2000, show: int = 3) -> int:
+    _h("OneSignal -> Kafka gateway demo")
+    print("Starting an embedded Kafka-protocol broker (librdkafka mock cluster, 3 brokers)...")
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        print(f"  bootstrap: {broker.bootstrap_servers}")
+        port = _free_port()
+        cfg_path = Path(tmp) / "gateway.toml"
+        cfg_path.write_text(
+            CONFIG.format(
+                port=port,
+                bootstrap=broker.bootstrap_servers,
+                api_version=API_VERSION,
+                app_id=samples.DEMO_APP_ID,
+            )
+        )
+        env = dict(os.environ, DEMO_SECRETS=SECRET)
+        print(f"Starting `gateway serve --config {cfg_path}` on 127.0.0.1:{port}...")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(cfg_path)], env=env
+        )
+        try:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=30,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            ) as client:
+                await _wait_ready(client, proc, 60)
+                print("  ready (/readyz: Kafka reachable, allowlist loaded)")
+                await _demo_events(client)
+                _h(f"Throughput: {events} Event Stream posts, 64 connections, unique event ids")
+                stats = await _burst(client, events)
+                print(
+                    f"  {stats['rps']:.0f} requests/s, p50 {stats['p50_ms']:.1f} ms, "
+                    f"p99 {stats['p99_ms']:.1f} ms, {stats['ok']:.0f} acknowledged, "
+                    f"{stats['errors']:.0f} errors"
+                )
+                print("  (client and server share this machine's cores; see `make bench` for wrk)")
+                metrics = (await client.get("/metrics")).text
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        _h("Reading the topics back")
+        topics = [f"onesignal.{c}" for c in ("push", "email", "sms", "iam", "live_activity", "journey")]
+        topics.append("onesignal.dead-letter")
+        records = _read_back(broker.bootstrap_servers, topics)
+        counts: dict[str, int] = {}
+        for rec in records:
+            counts[rec.topic] = counts.get(rec.topic, 0) + 1
+        for topic in topics:
+            print(f"  {topic:<28} {counts.get(topic, 0):>6} records")
+        shown = 0
+        for rec in records:
+            if shown >= show:
+                break
+            if rec.topic == "onesignal.push" and shown:
+                continue
+            shown += 1
+            print(f"\n  -- {rec.topic} partition {rec.partition} offset {rec.offset}, "
+                  f"key {rec.key.decode() if rec.key else None}")
+            for k, v in rec.headers:
+                print(f"     {k}: {v.decode(errors='replace')}")
+            value = orjson.loads(rec.value) if rec.value and rec.value[:1] == b"{" else rec.value
+            text = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() if isinstance(value, dict) else repr(value)
+            print("\n".join("     " + line for line in text.splitlines()[:60]))
+        _h("A few of the ingress metrics")
+        for line in metrics.splitlines():
+            if line.startswith(("gateway_requests_total", "gateway_dead_letters_total")):
+                print("  " + line)
+    print("\nDone. Nothing in this demo left the machine.")
+    return 0
+
+
+async def _demo_events(client: httpx.AsyncClient) -> None:
+    _h("Event Streams: every documented kind, rotating through the body layouts")
+    message_kinds = sorted(k for k in KNOWN_KINDS if k.startswith("message.") and k not in (
+        "message.push.displayed", "message.push.dismissed"))
+    first_payload: dict[str, Any] | None = None
+    for i, kind in enumerate(message_kinds):
+        layout = samples.LAYOUTS[i % len(samples.LAYOUTS)]
+        payload = samples.event_stream_payload(kind, layout=layout, event_id=str(uuid.uuid4()))
+        first_payload = first_payload or payload
+        r = await _post(client, "/v1/onesignal/events", payload)
+        print(_line(f"{kind} ({layout})", r))
+    for legacy in ("message.email.hardbounced", "message.iam.displayed"):
+        payload = samples.event_stream_payload(legacy, layout="flat-dotted", event_id=str(uuid.uuid4()))
+        r = await _post(client, "/v1/onesignal/events", payload)
+        print(_line(f"{legacy} (legacy spelling)", r))
+
+    _h("Web-push SDK webhooks from browsers (no IP check, text/plain, CORS)")
+    for event in ("notification.willDisplay", "notification.clicked", "notification.dismissed"):
+        r = await client.post(
+            "/v1/onesignal/web-push",
+            content=orjson.dumps(samples.web_push_v16_payload(event)),
+            headers={"content-type": "text/plain;charset=UTF-8", "origin": "https://shop.example"},
+        )
+        print(_line(f"v16 {event}", r))
+    for event in ("notification.displayed", "notification.clicked"):
+        r = await client.post(
+            "/v1/onesignal/web-push",
+            content=orjson.dumps(samples.web_push_v15_payload(event)),
+            headers={"content-type": "text/plain;charset=UTF-8"},
+        )
+        print(_line(f"v15 {event}", r))
+
+    _h("Journey webhook")
+    r = await _post(client, "/v1/onesignal/journey", samples.journey_payload())
+    print(_line("journey step reached", r))
+
+    _h("Duplicates, hostile senders and bad input")
+    assert first_payload is not None
+    r = await _post(client, "/v1/onesignal/events", first_payload)
+    print(_line("same event.id again (OneSignal retry)", r))
+    r = await _post(client, "/v1/onesignal/events", first_payload,
+                    headers={"x-forwarded-for": f"{EU_WEST4_SENDER}, 203.0.113.66"})
+    print(_line("spoofed XFF: europe-west4 IP left of a real one", r))
+    r = await _post(client, "/v1/onesignal/events", first_payload, headers={"authorization": "Bearer wrong"})
+    print(_line("wrong shared secret", r))
+    r = await _post(client, "/v1/onesignal/events", None, content=b'{"event.kind": ')
+    print(_line("invalid JSON", r))
+    r = await _post(client, "/v1/onesignal/events", None, content=b"[" * 100 + b"]" * 100)
+    print(_line("JSON nested 100 deep", r))
+    r = await _post(client, "/v1/onesignal/events", None, content=b'{"a":"' + b"x" * 70000 + b'"}')
+    print(_line("70 KB body", r))
+    r = await _post(client, "/v1/onesignal/events", {"hello": "world"})
+    print(_line("valid JSON but no event kind", r))
