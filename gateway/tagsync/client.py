@@ -1,0 +1,146 @@
+"""The OneSignal sink: ``PATCH /apps/{app_id}/users/by/{alias_label}/{alias_id}``.
+
+One narrow interface (:class:`UpdateSender`) with two implementations: :class:`OneSignalClient`
+(httpx, real HTTP) and :class:`DryRunSender` (prints what it would send). Neither retries:
+classification and backoff belong to the worker, with the rate limits. Transport errors come
+back as a :class:`Response` with ``status=None`` so every outcome is plain data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TextIO
+from urllib.parse import quote
+
+import httpx
+import orjson
+
+from gateway.config import Secret
+
+from .rules import Alias, TagValue
+
+__all__ = [
+    "DryRunSender",
+    "OneSignalClient",
+    "Response",
+    "UpdateSender",
+    "update_body",
+    "update_url",
+]
+
+USER_AGENT = "onesignal-kafka-gateway-tagsync/0.1"
+MAX_BODY_KEPT = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What came back: an HTTP status and body, or ``status=None`` and the transport error."""
+
+    status: int | None
+    body: str = ""
+    retry_after: str | None = None
+    error: str = ""
+    elapsed_s: float = 0.0
+
+
+def update_url(api_url: str, alias: Alias) -> str:
+    """The Update user URL; every path segment percent-encoded (a "/" in an id is %2F)."""
+    return (
+        f"{api_url.rstrip('/')}/apps/{quote(alias.app_id, safe='')}/users/by/"
+        f"{quote(alias.label, safe='')}/{quote(alias.id, safe='')}"
+    )
+
+
+def update_body(tags: Mapping[str, TagValue], delete_value: str = "") -> dict[str, Any]:
+    """``{"properties": {"tags": ...}}``; a deletion is "" (documented) or null (SDK style)."""
+    deleted: str | None = None if delete_value == "null" else ""
+    return {"properties": {"tags": {k: (deleted if v is None else v) for k, v in tags.items()}}}
+
+
+class UpdateSender(Protocol):
+    async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OneSignalClient:
+    """Sends Update user requests with the app's API key."""
+
+    def __init__(
+        self,
+        api_url: str,
+        api_keys: Mapping[str, Secret],
+        *,
+        timeout_s: float = 10.0,
+        max_connections: int = 64,
+        delete_value: str = "",
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.api_url = api_url
+        self._keys = dict(api_keys)
+        self.delete_value = delete_value
+        # read/write per chunk; the overall deadline below bounds slow trickles too.
+        self.deadline_s = timeout_s + 5.0
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=3.0, read=timeout_s, write=timeout_s, pool=5.0),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            transport=transport,
+        )
+
+    async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response:
+        key = self._keys.get(alias.app_id)
+        if key is None:  # the worker dead-letters these before sending; a guard only
+            return Response(status=None, error="no API key configured for this app")
+        content = orjson.dumps(update_body(tags, self.delete_value))
+        headers = {"Authorization": f"Key {key.reveal()}", "Content-Type": "application/json"}
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                resp = await self._http.patch(
+                    update_url(self.api_url, alias), content=content, headers=headers
+                )
+                body = (await resp.aread())[:MAX_BODY_KEPT].decode("utf-8", "replace")
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            return Response(
+                status=None,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                elapsed_s=time.monotonic() - started,
+            )
+        return Response(
+            status=resp.status_code,
+            body=body,
+            retry_after=resp.headers.get("retry-after"),
+            elapsed_s=time.monotonic() - started,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class DryRunSender:
+    """Prints one JSON line per request it would send (never the API key) and answers 202."""
+
+    def __init__(self, api_url: str, *, delete_value: str = "", out: TextIO | None = None) -> None:
+        self.api_url = api_url
+        self.delete_value = delete_value
+        self.out = out or sys.stdout
+
+    async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response:
+        line = {
+            "method": "PATCH",
+            "url": update_url(self.api_url, alias),
+            "body": update_body(tags, self.delete_value),
+        }
+        self.out.write(orjson.dumps(line).decode() + "\n")
+        self.out.flush()
+        return Response(status=202, body="dry-run")
+
+    async def aclose(self) -> None:
+        return None

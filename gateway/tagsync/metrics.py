@@ -1,0 +1,92 @@
+"""Prometheus metrics of the tag-sync pipeline (Kafka source -> rules -> OneSignal sink).
+
+Defined once at import on the default registry, so several workers in one process (tests)
+share them; label values are bounded (statuses, reasons, configured rule keys, partitions).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+__all__ = [
+    "COALESCED",
+    "COMMITTED",
+    "CONSUMER_LAG",
+    "DEAD_LETTERED",
+    "DERIVED",
+    "EVENTS",
+    "IN_FLIGHT",
+    "PAUSED",
+    "PENDING_EVENTS",
+    "REQUESTS",
+    "REQUEST_SECONDS",
+    "RETRIED",
+    "SKIPPED",
+    "TEMPLATE_MISSING",
+    "serve_metrics",
+]
+
+EVENTS = Counter(
+    "gateway_tagsync_events_consumed",
+    "Kafka records consumed from the normalized topics.",
+    ["topic"],
+)
+SKIPPED = Counter(
+    "gateway_tagsync_events_skipped",
+    "Records that lead to no update (undecodable, no-rule, no-tags, no-alias, superseded).",
+    ["reason"],
+)
+TEMPLATE_MISSING = Counter(
+    "gateway_tagsync_template_fields_missing",
+    "Tags skipped for an event because a template field was missing.",
+    ["rule"],
+)
+DERIVED = Counter(
+    "gateway_tagsync_tag_updates_derived",
+    "Tag values (set or delete) derived from events by the rules.",
+)
+COALESCED = Counter(
+    "gateway_tagsync_updates_coalesced",
+    "Tag values dropped because a newer value for the same user and key replaced them.",
+)
+REQUESTS = Counter(
+    "gateway_tagsync_requests",
+    "Update user requests by outcome (ok, retry, permanent, error, dry_run) and HTTP status.",
+    ["outcome", "status"],
+)
+RETRIED = Counter(
+    "gateway_tagsync_requests_retried",
+    "Update user requests scheduled for another attempt, by reason.",
+    ["reason"],
+)
+DEAD_LETTERED = Counter(
+    "gateway_tagsync_dead_lettered",
+    "Updates or records written to the tag-sync dead-letter topic, by reason.",
+    ["reason"],
+)
+COMMITTED = Counter(
+    "gateway_tagsync_offsets_committed",
+    "Offset commits made (each may cover many records).",
+)
+CONSUMER_LAG = Gauge(
+    "gateway_tagsync_consumer_lag",
+    "Records between the partition's high watermark and the last committed offset.",
+    ["topic", "partition"],
+)
+PENDING_EVENTS = Gauge(
+    "gateway_tagsync_pending_events",
+    "Consumed records whose updates are not done yet (not committable).",
+)
+IN_FLIGHT = Gauge("gateway_tagsync_requests_in_flight", "Update user requests in flight.")
+PAUSED = Gauge("gateway_tagsync_paused", "1 while partitions are paused for backpressure.")
+REQUEST_SECONDS = Histogram(
+    "gateway_tagsync_request_duration_seconds",
+    "Latency of Update user requests (one attempt).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0),
+)
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
+    """Expose /metrics on ``port`` (0: off)."""
+    if port:
+        start_http_server(port, addr=addr)

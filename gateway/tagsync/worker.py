@@ -1,0 +1,837 @@
+"""The tag-sync worker: Kafka source -> tag rules -> per-user merge -> rate-limited OneSignal sink.
+
+Two threads, each owning its state:
+
+- the *source* (the caller's thread) polls the kafka-python consumer group, decodes records,
+  applies the rules, and hands each event's tags to the sink; it tracks which offsets are
+  done and commits only the contiguous done prefix per partition. It never blocks on
+  OneSignal: when too much is pending it pauses its partitions and keeps polling, so the
+  group never sees it miss ``max_poll_interval_ms``.
+- the *sink* (an asyncio loop in a thread) merges updates per user within the flush
+  window, waits for the user's and the app's rate limits, sends with httpx, retries with
+  backoff, dead-letters what cannot succeed, and reports each event's offset back as done.
+
+An event is done when every request carrying its tags succeeded or was dead-lettered (or when
+it needed no request). Whatever is not done is not committed and is replayed after a crash or
+rebalance: at least once, never skipped. Updates set absolute values, so a replay is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Protocol, TextIO
+
+import orjson
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+
+from gateway.config import Config, ConfigError, Secret, TagSyncConfig
+from gateway.records import KafkaRecord, decode_record
+
+from . import metrics as m
+from .client import DryRunSender, OneSignalClient, Response, UpdateSender, update_body, update_url
+from .coalesce import Batch, Coalescer, OffsetTracker, SourceRef
+from .ratelimit import AppLimiter, Outcome, UserLimiter, backoff_delay, classify, parse_retry_after
+from .rules import Alias, CompiledRule, TagValue, compile_rules, derive, event_order, resolve_alias
+
+__all__ = ["DeadLetterWriter", "TagSyncWorker", "run_tag_sync"]
+
+log = logging.getLogger("gateway.tagsync.worker")
+
+COMMIT_INTERVAL_S = 0.5
+POLL_TIMEOUT_MS = 100
+DEFAULT_SHUTDOWN_S = 10.0
+# Session timeout for the group: short enough that a crashed worker's partitions move on
+# quickly, long enough for a busy 2-core machine. (Not a config key yet; see docs.)
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = 2_000
+MAX_DLT_BODY = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# dead letters
+
+
+class DeadLetterWriter(Protocol):
+    """Blocking write of one dead-letter record; raises when it was not acknowledged."""
+
+    def write(self, record: KafkaRecord) -> None: ...
+
+
+class KafkaDeadLetterWriter:
+    def __init__(self, producer: KafkaProducer, timeout_s: float = 10.0) -> None:
+        self.producer = producer
+        self.timeout_s = timeout_s
+
+    def write(self, record: KafkaRecord) -> None:
+        future = self.producer.send(
+            record.topic, key=record.key, value=record.value, headers=record.headers
+        )
+        future.get(timeout=self.timeout_s)
+
+
+class LogDeadLetterWriter:
+    """Dry run: say what would be dead-lettered, write nothing."""
+
+    def write(self, record: KafkaRecord) -> None:
+        log.warning(
+            "dry run: would dead-letter",
+            extra={"topic": record.topic, "headers": {k: v.decode() for k, v in record.headers}},
+        )
+
+
+def _source_headers(sources: Sequence[SourceRef]) -> list[tuple[str, bytes]]:
+    """dlq_source_topic / _partition / _offsets, once per source partition."""
+    by_tp: dict[tuple[str, int], list[int]] = {}
+    for s in sources:
+        by_tp.setdefault((s.topic, s.partition), []).append(s.offset)
+    headers: list[tuple[str, bytes]] = []
+    for (topic, partition), offsets in sorted(by_tp.items()):
+        headers.append(("dlq_source_topic", topic.encode()))
+        headers.append(("dlq_source_partition", str(partition).encode()))
+        headers.append(("dlq_source_offsets", ",".join(map(str, sorted(offsets))).encode()))
+    return headers
+
+
+def update_dead_letter(
+    topic: str,
+    api_url: str,
+    alias: Alias,
+    tags: Mapping[str, TagValue],
+    *,
+    reason: str,
+    response: Response,
+    attempts: int,
+    sources: Sequence[SourceRef],
+    delete_value: str,
+) -> KafkaRecord:
+    """A failed update: the request it was (never the key) as the value, the why in headers."""
+    value = {
+        "reason": reason,
+        "method": "PATCH",
+        "url": update_url(api_url, alias),
+        "app_id": alias.app_id,
+        "alias_label": alias.label,
+        "alias_id": alias.id,
+        "body": update_body(tags, delete_value),
+        "status": response.status,
+        "response": response.body[:MAX_DLT_BODY],
+        "error": response.error,
+        "attempts": attempts,
+    }
+    headers = [
+        ("dlq_reason", reason.encode()),
+        ("dlq_status", str(response.status or "").encode()),
+        ("dlq_response", response.body[:MAX_DLT_BODY].encode()),
+        ("dlq_error", response.error.encode()),
+        ("dlq_attempts", str(attempts).encode()),
+        ("dlq_app_id", alias.app_id.encode()),
+        ("dlq_alias_label", alias.label.encode()),
+        *_source_headers(sources),
+        ("content-type", b"application/json"),
+    ]
+    return KafkaRecord(
+        topic=topic, key=alias.id.encode(), value=orjson.dumps(value), headers=headers
+    )
+
+
+def record_dead_letter(
+    topic: str,
+    *,
+    reason: str,
+    detail: str,
+    source: SourceRef,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+) -> KafkaRecord:
+    """An event we cannot act on: the original record, with the why and where in headers."""
+    out = [
+        ("dlq_reason", reason.encode()),
+        ("dlq_detail", detail[:MAX_DLT_BODY].encode()),
+        *_source_headers([source]),
+    ]
+    out.extend((k, v or b"") for k, v in headers if not k.startswith("dlq_"))
+    return KafkaRecord(topic=topic, key=key, value=value or b"", headers=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sink: asyncio loop in its own thread
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSettings:
+    flush_interval_s: float
+    max_keys: int
+    per_user_interval_s: float
+    app_rate_limit: float
+    max_concurrency: int
+    max_attempts: int
+    backoff_base_s: float
+    backoff_cap_s: float
+    max_retry_elapsed_s: float
+    dead_letter_topic: str
+    delete_value: str
+    api_url: str
+
+    @classmethod
+    def from_config(cls, ts: TagSyncConfig, api_url: str) -> SinkSettings:
+        return cls(
+            flush_interval_s=ts.flush_interval_s,
+            max_keys=ts.max_keys_per_request,
+            per_user_interval_s=ts.per_user_interval_s,
+            app_rate_limit=ts.app_rate_limit,
+            max_concurrency=ts.max_concurrency,
+            max_attempts=ts.max_attempts,
+            backoff_base_s=ts.backoff_base_s,
+            backoff_cap_s=ts.backoff_cap_s,
+            max_retry_elapsed_s=ts.max_retry_elapsed_s,
+            dead_letter_topic=ts.dead_letter_topic,
+            delete_value=ts.delete_value,
+            api_url=api_url,
+        )
+
+
+class Sink:
+    """Merges, rate-limits, sends and dead-letters; reports done offsets to ``done``."""
+
+    def __init__(
+        self,
+        settings: SinkSettings,
+        make_sender: Callable[[], UpdateSender],
+        dead_letters: DeadLetterWriter,
+        done: queue.SimpleQueue[SourceRef],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.s = settings
+        self._make_sender = make_sender
+        self._dlt = dead_letters
+        self._done = done
+        self._rng = rng or random.Random()  # jitter, not crypto
+        self._coalescer = Coalescer(settings.flush_interval_s, settings.max_keys)
+        self._users = UserLimiter(settings.per_user_interval_s)
+        self._apps: dict[str, AppLimiter] = {}
+        self._max_active = max(16, settings.max_concurrency * 4)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._deadline = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._sender: UpdateSender | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tagsync-sink", daemon=True)
+        self.error: BaseException | None = None
+
+    # -- called from the source thread ----------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._started.wait(10):
+            raise RuntimeError("tag-sync sink did not start")
+
+    def submit(
+        self, alias: Alias, tags: Mapping[str, TagValue], order: tuple[float, int], src: SourceRef
+    ) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._accept, alias, tags, order, src)
+
+    def submit_dead_letter(self, record: KafkaRecord, reason: str, src: SourceRef) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._accept_dead_letter, record, reason, src)
+
+    def close(self, timeout_s: float) -> None:
+        """Send what is pending (within the limits) for up to ``timeout_s``, then stop."""
+        if self._loop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                self._loop.call_soon_threadsafe(self._begin_drain, timeout_s)
+        self._thread.join(timeout_s + 10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced by the source loop
+            self.error = exc
+            log.exception("tag-sync sink failed")
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._sem = asyncio.Semaphore(self.s.max_concurrency)
+        self._sender = self._make_sender()
+        self._started.set()
+        try:
+            await self._schedule()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._sender.aclose()
+
+    async def _schedule(self) -> None:
+        assert self._wake is not None
+        while True:
+            now = time.monotonic()
+            self._dispatch(now)
+            if self._draining and (
+                (not len(self._coalescer) and not self._tasks) or now >= self._deadline
+            ):
+                if len(self._coalescer) or self._tasks:
+                    log.warning(
+                        "shutdown: giving up unfinished updates (they will be replayed)",
+                        extra={"pending_users": len(self._coalescer), "tasks": len(self._tasks)},
+                    )
+                return
+            timeout: float | None = None
+            due = self._coalescer.next_due()
+            if due is not None:
+                timeout = max(0.0, due - now)
+            if self._draining:
+                timeout = min(timeout if timeout is not None else 1e9, self._deadline - now)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    def _dispatch(self, now: float) -> None:
+        due = self._coalescer.pop_due(now)
+        while len(self._tasks) < self._max_active:
+            alias = next(due, None)
+            if alias is None:
+                break
+            wait = self._users.wait(alias, now)
+            if wait > 0:
+                self._coalescer.defer(alias, now + wait)
+                continue
+            self._spawn(self._run_batch(self._coalescer.take(alias)))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("tag-sync task failed", exc_info=task.exception())
+        assert self._wake is not None
+        self._wake.set()
+
+    def _accept(
+        self, alias: Alias, tags: Mapping[str, TagValue], order: tuple[float, int], src: SourceRef
+    ) -> None:
+        result = self._coalescer.add(alias, tags, order, src, time.monotonic())
+        if result.superseded:
+            m.COALESCED.inc(result.superseded)
+        if not result.attached:
+            m.SKIPPED.labels("superseded").inc()
+            self._done.put(src)
+        assert self._wake is not None
+        self._wake.set()
+
+    def _accept_dead_letter(self, record: KafkaRecord, reason: str, src: SourceRef) -> None:
+        async def write() -> None:
+            await self._write_dead_letter(record, reason)
+            self._done.put(src)
+
+        self._spawn(write())
+
+    def _begin_drain(self, timeout_s: float) -> None:
+        self._draining = True
+        self._deadline = time.monotonic() + timeout_s
+        self._coalescer.flush_interval_s = 0.0
+        now = time.monotonic()
+        for alias in self._coalescer.drain():
+            self._coalescer.defer(alias, now)
+        assert self._wake is not None
+        self._wake.set()
+
+    # -- one user's batch -------------------------------------------------------------------
+
+    async def _run_batch(self, batch: Batch) -> None:
+        try:
+            for chunk in batch.chunks:
+                await self._deliver(batch, chunk)
+            for src in batch.sources:
+                self._done.put(src)
+        finally:
+            self._coalescer.finish(batch.alias, time.monotonic())
+
+    def _app(self, app_id: str) -> AppLimiter:
+        limiter = self._apps.get(app_id)
+        if limiter is None:
+            limiter = self._apps[app_id] = AppLimiter(self.s.app_rate_limit)
+        return limiter
+
+    async def _wait_turn(self, alias: Alias, app: AppLimiter) -> None:
+        while True:
+            now = time.monotonic()
+            wait = self._users.wait(alias, now) or app.reserve(now)
+            if wait <= 0:
+                self._users.mark(alias, now)
+                return
+            await asyncio.sleep(wait)
+
+    async def _deliver(self, batch: Batch, chunk: Mapping[str, TagValue]) -> None:
+        assert self._sem is not None and self._sender is not None
+        alias = batch.alias
+        app = self._app(alias.app_id)
+        first = time.monotonic()
+        attempt = 0
+        while True:
+            async with self._sem:
+                # The slot is taken before the app's window, so what the window admits is
+                # sent at once: the limit holds as the server sees it.
+                await self._wait_turn(alias, app)
+                m.IN_FLIGHT.inc()
+                try:
+                    resp = await self._sender.update_user(alias, chunk)
+                finally:
+                    m.IN_FLIGHT.dec()
+            attempt += 1
+            m.REQUEST_SECONDS.observe(resp.elapsed_s)
+            outcome = Outcome.RETRY if resp.status is None else classify(resp.status)
+            status = str(resp.status) if resp.status is not None else "none"
+            m.REQUESTS.labels("error" if resp.status is None else outcome.value, status).inc()
+            if outcome is Outcome.OK:
+                app.success()
+                return
+            fields = {
+                "app_id": alias.app_id,
+                "alias_label": alias.label,
+                "status": resp.status,
+                "attempt": attempt,
+                "error": resp.error,
+            }
+            if outcome is Outcome.PERMANENT:
+                log.warning("update rejected; dead-lettering", extra=fields)
+                await self._dead_letter_update(batch, chunk, f"http-{resp.status}", resp, attempt)
+                return
+            now = time.monotonic()
+            retry_after = parse_retry_after(resp.retry_after)
+            delay = backoff_delay(
+                attempt - 1, self.s.backoff_base_s, self.s.backoff_cap_s, self._rng
+            )
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            app.throttle(now, delay)  # the whole app waits, not only this request
+            if attempt >= self.s.max_attempts or now - first + delay > self.s.max_retry_elapsed_s:
+                log.warning("retries exhausted; dead-lettering", extra=fields)
+                await self._dead_letter_update(batch, chunk, "retries-exhausted", resp, attempt)
+                return
+            m.RETRIED.labels("timeout" if resp.status is None else status).inc()
+            log.info("update will be retried", extra={**fields, "delay_s": round(delay, 3)})
+            await asyncio.sleep(delay)
+
+    async def _dead_letter_update(
+        self,
+        batch: Batch,
+        chunk: Mapping[str, TagValue],
+        reason: str,
+        resp: Response,
+        attempts: int,
+    ) -> None:
+        record = update_dead_letter(
+            self.s.dead_letter_topic,
+            self.s.api_url,
+            batch.alias,
+            chunk,
+            reason=reason,
+            response=resp,
+            attempts=attempts,
+            sources=batch.sources,
+            delete_value=self.s.delete_value,
+        )
+        await self._write_dead_letter(record, reason)
+
+    async def _write_dead_letter(self, record: KafkaRecord, reason: str) -> None:
+        """Until Kafka takes it: the offset is committed only after it did."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                await loop.run_in_executor(None, self._dlt.write, record)
+            except Exception as exc:
+                delay = backoff_delay(attempt, 0.5, 30.0, self._rng)
+                attempt += 1
+                log.error(
+                    "dead-letter write failed; retrying",
+                    extra={"reason": reason, "error": repr(exc)[:300], "delay_s": delay},
+                )
+                await asyncio.sleep(delay)
+                continue
+            m.DEAD_LETTERED.labels(reason).inc()
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# the source: kafka-python consumer group in the caller's thread
+
+
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs on kafka-python's IO loop: commit what is done on revoke, forget on lost."""
+
+    def __init__(self, worker: TagSyncWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        offsets = self.worker.release_partitions(revoked)
+        if offsets and not self.worker.dry_run:
+            try:
+                await self.worker.consumer.commit_async(offsets)
+                m.COMMITTED.inc()
+            except Exception as exc:
+                log.warning("commit on revoke failed", extra={"error": repr(exc)[:300]})
+        log.info("partitions revoked", extra={"partitions": _names(revoked)})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": _names(assigned)})
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self.worker.release_partitions(lost, commit=False)
+        log.warning(
+            "partitions lost; their pending work will be replayed",
+            extra={"partitions": _names(lost)},
+        )
+
+
+def _names(tps: set[TopicPartition] | Sequence[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in tps)
+
+
+class TagSyncWorker:
+    """One consumer-group member: the source loop, driving a :class:`Sink`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dry_run: bool = False,
+        stop: threading.Event | None = None,
+        out: TextIO | None = None,
+        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_S,
+    ) -> None:
+        self.cfg = config
+        self.ts = config.tag_sync
+        self.dry_run = dry_run
+        self.stop = stop or threading.Event()
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.rules: tuple[CompiledRule, ...] = compile_rules(self.ts.rules)
+        self.keys: dict[str, Secret] = {
+            a.app_id: a.api_key for a in config.onesignal.apps if a.api_key is not None
+        }
+        self.known_apps = {a.app_id for a in config.onesignal.apps}
+        self.topics = self.ts.resolved_topics(config.kafka.topic)
+        self._out = out
+        self._lock = threading.Lock()
+        self._tracker = OffsetTracker()
+        self._done: queue.SimpleQueue[SourceRef] = queue.SimpleQueue()
+        self._done_upto: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
+        self._paused = False
+        self.consumer: Any = None
+        self.producer: Any = None
+        self.sink: Sink | None = None
+        high = max(1000, 4 * self.ts.max_poll_records)
+        self._pause_above = high
+        self._resume_below = high // 2
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for app in self.cfg.onesignal.apps:
+            if app.api_key is None:
+                log.warning(
+                    "no API key for app; its events will be dead-lettered",
+                    extra={"app_id": app.app_id, "api_key_env": app.api_key_env},
+                )
+        if not self.rules:
+            log.warning("tag_sync.rules is empty: events are consumed and committed, nothing sent")
+        opts = self.cfg.kafka.client_options()
+        if not self.dry_run:
+            self.producer = KafkaProducer(
+                **opts,
+                acks="all",
+                linger_ms=5,
+                request_timeout_ms=self.cfg.kafka.request_timeout_ms,
+                max_block_ms=max(self.cfg.kafka.max_block_ms, 5000),
+            )
+        settings = SinkSettings.from_config(self.ts, self.cfg.onesignal.api_url)
+        self.sink = Sink(
+            settings,
+            self._make_sender,
+            LogDeadLetterWriter() if self.dry_run else KafkaDeadLetterWriter(self.producer),
+            self._done,
+        )
+        self.sink.start()
+        self.consumer = KafkaConsumer(
+            **opts,
+            group_id=self.ts.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.ts.max_poll_records,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+        )
+        self.consumer.subscribe(list(self.topics), listener=_Listener(self))
+        log.info(
+            "tag sync started",
+            extra={"topics": list(self.topics), "group_id": self.ts.group_id, "dry": self.dry_run},
+        )
+        code = 0
+        try:
+            self._loop()
+        except Exception:
+            log.exception("tag sync failed")
+            code = 1
+        finally:
+            self._shutdown()
+        return code
+
+    def _make_sender(self) -> UpdateSender:
+        if self.dry_run:
+            return DryRunSender(
+                self.cfg.onesignal.api_url, delete_value=self.ts.delete_value, out=self._out
+            )
+        return OneSignalClient(
+            self.cfg.onesignal.api_url,
+            self.keys,
+            timeout_s=self.cfg.onesignal.timeout_s,
+            max_connections=self.ts.max_concurrency,
+            delete_value=self.ts.delete_value,
+        )
+
+    def _loop(self) -> None:
+        assert self.sink is not None
+        while not self.stop.is_set():
+            if not self.sink.alive:
+                raise RuntimeError(f"tag-sync sink stopped: {self.sink.error!r}")
+            self._collect_done()
+            self._maybe_commit()
+            self._flow_control()
+            polled = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
+            for tp, records in polled.items():
+                for record in records:
+                    self._handle(tp, record)
+
+    def _shutdown(self) -> None:
+        log.info("tag sync stopping")
+        if self.sink is not None:
+            self.sink.close(self.shutdown_timeout_s)
+        if self.consumer is not None:
+            self._collect_done()
+            self._maybe_commit(force=True)
+            try:
+                self.consumer.close()  # the listener commits on revoke as well
+            except Exception as exc:
+                log.warning("consumer close failed", extra={"error": repr(exc)[:300]})
+        if self.producer is not None:
+            self.producer.close(timeout=5)
+        log.info("tag sync stopped")
+
+    # -- records ------------------------------------------------------------------------------
+
+    def _handle(self, tp: TopicPartition, record: Any) -> None:
+        assert self.sink is not None
+        src = SourceRef(tp.topic, tp.partition, record.offset)
+        m.EVENTS.labels(tp.topic).inc()
+        try:
+            _, event = decode_record(record.headers or [], record.value)
+        except ValueError as exc:
+            m.SKIPPED.labels("undecodable").inc()
+            log.warning(
+                "record is not a normalized CloudEvent; skipped",
+                extra={
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "offset": record.offset,
+                    "error": str(exc)[:200],
+                },
+            )
+            self._track(tp, record.offset, done=True)
+            return
+        derivation = derive(self.rules, event)
+        for skip in derivation.skipped:
+            m.TEMPLATE_MISSING.labels(skip.rule_key).inc()
+            log.debug("tag skipped", extra={"rule": skip.rule_key, "missing_field": skip.field})
+        if not derivation.tags:
+            m.SKIPPED.labels("no-rule" if not derivation.matched else "no-tags").inc()
+            self._track(tp, record.offset, done=True)
+            return
+        app_id = event.get("app_id")
+        if not isinstance(app_id, str) or app_id not in self.keys:
+            reason = "unknown-app" if app_id not in self.known_apps else "no-api-key"
+            self._track(tp, record.offset)
+            self.sink.submit_dead_letter(
+                record_dead_letter(
+                    self.ts.dead_letter_topic,
+                    reason=reason,
+                    detail=f"no OneSignal app with an API key is configured for app_id {app_id!r}",
+                    source=src,
+                    key=record.key,
+                    value=record.value,
+                    headers=record.headers or [],
+                ),
+                reason,
+                src,
+            )
+            return
+        alias = resolve_alias(event, self.ts.alias_label)
+        if alias is None:
+            m.SKIPPED.labels("no-alias").inc()
+            self._track(tp, record.offset, done=True)
+            return
+        m.DERIVED.inc(len(derivation.tags))
+        self._track(tp, record.offset)
+        self.sink.submit(alias, derivation.tags, (event_order(event), record.offset), src)
+
+    # -- offsets ------------------------------------------------------------------------------
+
+    def _track(self, tp: TopicPartition, offset: int, *, done: bool = False) -> None:
+        with self._lock:
+            self._tracker.add(tp, offset, done=done)
+
+    def _collect_done(self) -> None:
+        with self._lock:
+            while True:
+                try:
+                    src = self._done.get_nowait()
+                except queue.Empty:
+                    break
+                self._tracker.mark_done(TopicPartition(src.topic, src.partition), src.offset)
+            for tp in self._tracker.partitions():
+                upto = self._tracker.committable(tp)
+                if upto is not None:
+                    self._done_upto[tp] = upto
+            m.PENDING_EVENTS.set(self._tracker.outstanding())
+
+    def release_partitions(
+        self, tps: set[TopicPartition], *, commit: bool = True
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Revoked or lost: stop tracking them; return what is done, to commit (revoked)."""
+        self._collect_done()
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        with self._lock:
+            for tp in tps:
+                upto = self._done_upto.pop(tp, None)
+                if commit and upto is not None and upto > self._committed.get(tp, -1):
+                    offsets[tp] = OffsetAndMetadata(upto, "", -1)
+                self._committed.pop(tp, None)
+                self._tracker.drop(tp)
+        return offsets
+
+    def _maybe_commit(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
+        with self._lock:
+            offsets = {
+                tp: OffsetAndMetadata(upto, "", -1)
+                for tp, upto in self._done_upto.items()
+                if upto > self._committed.get(tp, -1)
+            }
+        if offsets and not self.dry_run:
+            try:
+                self.consumer.commit(offsets)
+            except Exception as exc:  # rebalance in progress etc.: retried next time
+                log.warning("offset commit failed", extra={"error": repr(exc)[:300]})
+                return
+            m.COMMITTED.inc()
+            with self._lock:
+                for tp, om in offsets.items():
+                    self._committed[tp] = om.offset
+        self._report_lag()
+
+    def _report_lag(self) -> None:
+        with self._lock:
+            marks = dict(self._done_upto)
+        for tp, upto in marks.items():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                m.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - upto))
+
+    def _flow_control(self) -> None:
+        with self._lock:
+            outstanding = self._tracker.outstanding()
+        if not self._paused and outstanding > self._pause_above:
+            parts = self.consumer.assignment()
+            self.consumer.pause(*parts)
+            self._paused = True
+            m.PAUSED.set(1)
+            log.info("paused: too many pending updates", extra={"pending": outstanding})
+        elif self._paused and outstanding < self._resume_below:
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+            m.PAUSED.set(0)
+            log.info("resumed", extra={"pending": outstanding})
+        elif self._paused:
+            # A rebalance may have assigned new partitions, unpaused: pause them too.
+            unpaused = set(self.consumer.assignment()) - set(self.consumer.paused())
+            if unpaused:
+                self.consumer.pause(*unpaused)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def run_tag_sync(
+    config: Config,
+    *,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+    out: TextIO | None = None,
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_S,
+) -> int:
+    """Run the worker until ``stop`` is set (or SIGTERM/SIGINT in the main thread).
+
+    Returns 0 after a clean shutdown, 1 after a failure, 2 for invalid rules.
+    """
+    stop = stop or threading.Event()
+    try:
+        worker = TagSyncWorker(
+            config, dry_run=dry_run, stop=stop, out=out, shutdown_timeout_s=shutdown_timeout_s
+        )
+    except ConfigError as exc:
+        log.error("invalid tag_sync configuration: %s", exc, extra={"key": exc.key})
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if config.tag_sync.metrics_port:
+        try:
+            m.serve_metrics(config.tag_sync.metrics_port)
+        except OSError as exc:
+            log.warning("metrics server not started", extra={"error": str(exc)})
+    restore: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal received; shutting down", extra={"signal": signum})
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            restore[sig] = signal.signal(sig, on_signal)
+    try:
+        return worker.run()
+    finally:
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
