@@ -85,7 +85,12 @@ def cmd_ranges(args: argparse.Namespace) -> int:
         scopes = scopes or cfg.allowlist.scopes
         snapshot_path = snapshot_path or cfg.allowlist.snapshot
     scopes = scopes or ("europe-west4",)
-    current = ranges.load_snapshot(snapshot_path or None, scopes)
+    # the target of an update may not exist yet: then the diff is against the bundled snapshot
+    existing = snapshot_path if snapshot_path and os.path.exists(snapshot_path) else None
+    if args.action == "show" and snapshot_path and not existing:
+        print(f"ranges show: {snapshot_path} does not exist", file=sys.stderr)
+        return 2
+    current = ranges.load_snapshot(existing, scopes)
     if args.action == "show":
         print(f"snapshot: {snapshot_path or '(bundled)'}")
         print(f"syncToken: {current.sync_token}  creationTime: {current.creation_time}")

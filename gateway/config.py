@@ -275,7 +275,7 @@ class _Section:
         self.used.add(name)
         return self.data.get(name, default)
 
-    def str(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+    def text(self, name: str, default: str, choices: tuple[str, ...] = ()) -> str:
         value = self._get(name, default)
         if not isinstance(value, str):
             raise ConfigError(self._name(name), f"must be a string, got {value!r}")
@@ -283,13 +283,13 @@ class _Section:
             raise ConfigError(self._name(name), f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         value = self._get(name, default)
         if not isinstance(value, bool):
             raise ConfigError(self._name(name), f"must be true or false, got {value!r}")
         return value
 
-    def int(self, name: str, default: int, minimum: int | None = None) -> int:
+    def integer(self, name: str, default: int, minimum: int | None = None) -> int:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(self._name(name), f"must be an integer, got {value!r}")
@@ -297,7 +297,7 @@ class _Section:
             raise ConfigError(self._name(name), f"must be at least {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, minimum: float | None = None) -> float:
+    def number(self, name: str, default: float, minimum: float | None = None) -> float:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(self._name(name), f"must be a number, got {value!r}")
@@ -305,7 +305,7 @@ class _Section:
             raise ConfigError(self._name(name), f"must be at least {minimum}, got {value}")
         return float(value)
 
-    def strs(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def texts(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self._get(name, list(default))
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(self._name(name), f"must be a list of strings, got {value!r}")
@@ -320,7 +320,7 @@ class _Section:
             raise ConfigError(self._name(name), "must be an array of tables ([[...]])")
         return [_Section(item, f"{self._name(name)}[{i}]") for i, item in enumerate(value)]
 
-    def str_map(self, name: str) -> dict[str, str]:
+    def text_map(self, name: str) -> dict[str, str]:
         value = self._get(name, {})
         if not isinstance(value, dict):
             raise ConfigError(self._name(name), "must be a table of strings")
@@ -381,30 +381,30 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
 
     s = root.table("server")
     server = ServerConfig(
-        host=s.str("host", ServerConfig.host),
-        port=s.int("port", ServerConfig.port, minimum=0),
+        host=s.text("host", ServerConfig.host),
+        port=s.integer("port", ServerConfig.port, minimum=0),
         trusted_proxies=_cidrs(
-            "server.trusted_proxies", s.strs("trusted_proxies", ServerConfig.trusted_proxies)
+            "server.trusted_proxies", s.texts("trusted_proxies", ServerConfig.trusted_proxies)
         ),
-        proxy_header=s.str("proxy_header", "x-forwarded-for", ("x-forwarded-for", "forwarded")),
-        max_body_bytes=s.int("max_body_bytes", ServerConfig.max_body_bytes, minimum=256),
-        max_json_depth=s.int("max_json_depth", ServerConfig.max_json_depth, minimum=2),
-        timeout_keep_alive=s.int("timeout_keep_alive", ServerConfig.timeout_keep_alive, minimum=1),
-        limit_concurrency=s.int("limit_concurrency", 0, minimum=0),
-        graceful_shutdown_s=s.float("graceful_shutdown_s", 20.0, minimum=0),
-        log_level=s.str("log_level", "info", ("debug", "info", "warning", "error")),
-        access_log=s.bool("access_log", False),
+        proxy_header=s.text("proxy_header", "x-forwarded-for", ("x-forwarded-for", "forwarded")),
+        max_body_bytes=s.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=256),
+        max_json_depth=s.integer("max_json_depth", ServerConfig.max_json_depth, minimum=2),
+        timeout_keep_alive=s.integer("timeout_keep_alive", ServerConfig.timeout_keep_alive, minimum=1),
+        limit_concurrency=s.integer("limit_concurrency", 0, minimum=0),
+        graceful_shutdown_s=s.number("graceful_shutdown_s", 20.0, minimum=0),
+        log_level=s.text("log_level", "info", ("debug", "info", "warning", "error")),
+        access_log=s.flag("access_log", False),
     )
     s.finish()
 
     a = root.table("allowlist")
     allowlist = AllowlistConfig(
-        scopes=a.strs("scopes", AllowlistConfig.scopes),
-        snapshot=a.str("snapshot", ""),
-        include_onesignal_published=a.bool("include_onesignal_published", True),
-        extra_cidrs=_cidrs("allowlist.extra_cidrs", a.strs("extra_cidrs", ())),
-        refresh_url=a.str("refresh_url", ""),
-        refresh_interval_s=a.float("refresh_interval_s", 0.0, minimum=0),
+        scopes=a.texts("scopes", AllowlistConfig.scopes),
+        snapshot=a.text("snapshot", ""),
+        include_onesignal_published=a.flag("include_onesignal_published", True),
+        extra_cidrs=_cidrs("allowlist.extra_cidrs", a.texts("extra_cidrs", ())),
+        refresh_url=a.text("refresh_url", ""),
+        refresh_interval_s=a.number("refresh_interval_s", 0.0, minimum=0),
     )
     if allowlist.refresh_interval_s and not allowlist.refresh_url:
         raise ConfigError("allowlist.refresh_url", "must be set when refresh_interval_s > 0")
@@ -414,33 +414,33 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
 
     k = root.table("kafka")
     kafka = KafkaConfig(
-        bootstrap_servers=k.str("bootstrap_servers", KafkaConfig.bootstrap_servers),
-        api_version=k.str("api_version", ""),
-        client_id=k.str("client_id", KafkaConfig.client_id),
-        topic=_topic_ok("kafka.topic", _template_ok("kafka.topic", k.str("topic", KafkaConfig.topic))),
+        bootstrap_servers=k.text("bootstrap_servers", KafkaConfig.bootstrap_servers),
+        api_version=k.text("api_version", ""),
+        client_id=k.text("client_id", KafkaConfig.client_id),
+        topic=_topic_ok("kafka.topic", _template_ok("kafka.topic", k.text("topic", KafkaConfig.topic))),
         dead_letter_topic=_topic_ok(
-            "kafka.dead_letter_topic", k.str("dead_letter_topic", KafkaConfig.dead_letter_topic)
+            "kafka.dead_letter_topic", k.text("dead_letter_topic", KafkaConfig.dead_letter_topic)
         ),
-        content_mode=k.str("content_mode", "binary", ("binary", "structured")),
-        unknown_kinds=k.str("unknown_kinds", "publish", ("publish", "dead-letter")),
-        ack_timeout_s=k.float("ack_timeout_s", 5.0, minimum=0.1),
-        max_in_flight=k.int("max_in_flight", 5000, minimum=1),
-        retry_after_s=k.int("retry_after_s", 5, minimum=1),
-        linger_ms=k.int("linger_ms", 5, minimum=0),
-        batch_size=k.int("batch_size", 32768, minimum=1024),
-        compression_type=k.str("compression_type", "", ("", "gzip", "snappy", "lz4", "zstd")),
-        request_timeout_ms=k.int("request_timeout_ms", 10000, minimum=100),
-        delivery_timeout_ms=k.int("delivery_timeout_ms", 30000, minimum=100),
-        max_block_ms=k.int("max_block_ms", 2000, minimum=0),
-        security_protocol=k.str(
+        content_mode=k.text("content_mode", "binary", ("binary", "structured")),
+        unknown_kinds=k.text("unknown_kinds", "publish", ("publish", "dead-letter")),
+        ack_timeout_s=k.number("ack_timeout_s", 5.0, minimum=0.1),
+        max_in_flight=k.integer("max_in_flight", 5000, minimum=1),
+        retry_after_s=k.integer("retry_after_s", 5, minimum=1),
+        linger_ms=k.integer("linger_ms", 5, minimum=0),
+        batch_size=k.integer("batch_size", 32768, minimum=1024),
+        compression_type=k.text("compression_type", "", ("", "gzip", "snappy", "lz4", "zstd")),
+        request_timeout_ms=k.integer("request_timeout_ms", 10000, minimum=100),
+        delivery_timeout_ms=k.integer("delivery_timeout_ms", 30000, minimum=100),
+        max_block_ms=k.integer("max_block_ms", 2000, minimum=0),
+        security_protocol=k.text(
             "security_protocol", "PLAINTEXT", ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         ),
-        sasl_mechanism=k.str("sasl_mechanism", "", ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
-        sasl_username=k.str("sasl_username", ""),
+        sasl_mechanism=k.text("sasl_mechanism", "", ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
+        sasl_username=k.text("sasl_username", ""),
         sasl_password=_env_secret(
-            env, "kafka.sasl_password_env", k.str("sasl_password_env", ""), required=False
+            env, "kafka.sasl_password_env", k.text("sasl_password_env", ""), required=False
         ),
-        ssl_cafile=k.str("ssl_cafile", ""),
+        ssl_cafile=k.text("ssl_cafile", ""),
     )
     if kafka.api_version and not re.fullmatch(r"\d+(\.\d+){1,2}", kafka.api_version):
         raise ConfigError("kafka.api_version", f"must look like '2.3' or be empty, got {kafka.api_version!r}")
@@ -452,8 +452,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
 
     d = root.table("dedupe")
     dedupe = DedupeConfig(
-        window_s=d.float("window_s", 3600.0, minimum=0),
-        max_entries=d.int("max_entries", 1_000_000, minimum=0),
+        window_s=d.number("window_s", 3600.0, minimum=0),
+        max_entries=d.integer("max_entries", 1_000_000, minimum=0),
     )
     d.finish()
 
@@ -461,11 +461,11 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     seen_paths: set[str] = set()
     seen_names: set[str] = set()
     for t in root.tables("sources"):
-        fmt = t.str("format", "event-stream", SOURCE_FORMATS)
-        name = t.str("name", "")
+        fmt = t.text("format", "event-stream", SOURCE_FORMATS)
+        name = t.text("name", "")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{t.key}.name", "must be 1-64 letters, digits, '.', '_' or '-'")
-        path = t.str("path", "")
+        path = t.text("path", "")
         if not path.startswith("/") or path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
             raise ConfigError(f"{t.key}.path", f"must start with '/' and not be a built-in route: {path!r}")
         if path in seen_paths or name in seen_names:
@@ -473,8 +473,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         seen_paths.add(path)
         seen_names.add(name)
         web = fmt == "web-push"
-        require_secret = t.bool("require_secret", not web)
-        secrets_env = t.str("secrets_env", "")
+        require_secret = t.flag("require_secret", not web)
+        secrets_env = t.text("secrets_env", "")
         secrets: tuple[Secret, ...] = ()
         if secrets_env:
             raw = env.get(secrets_env, "")
@@ -485,7 +485,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
                 f"{t.key}.secrets_env",
                 f"{secrets_env or 'secrets_env'} {why} (comma-separated accepted secrets)",
             )
-        mapping = t.str_map("mapping")
+        mapping = t.text_map("mapping")
         for field_name, pointer in mapping.items():
             if field_name not in MAPPABLE_FIELDS:
                 raise ConfigError(
@@ -501,13 +501,13 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
                 name=name,
                 path=path,
                 format=fmt,
-                require_allowlisted_ip=t.bool("require_allowlisted_ip", not web),
-                secret_header=t.str("secret_header", "authorization").lower(),
+                require_allowlisted_ip=t.flag("require_allowlisted_ip", not web),
+                secret_header=t.text("secret_header", "authorization").lower(),
                 secrets_env=secrets_env,
                 secrets=secrets,
                 require_secret=require_secret,
-                app_id=t.str("app_id", ""),
-                cors_origins=t.strs("cors_origins", ("*",)),
+                app_id=t.text("app_id", ""),
+                cors_origins=t.texts("cors_origins", ("*",)),
                 mapping=mapping,
             )
         )
@@ -516,10 +516,10 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     o = root.table("onesignal")
     apps: list[OneSignalApp] = []
     for t in o.tables("apps"):
-        app_id = t.str("app_id", "")
+        app_id = t.text("app_id", "")
         if not app_id:
             raise ConfigError(f"{t.key}.app_id", "is required")
-        key_env = t.str("api_key_env", "")
+        key_env = t.text("api_key_env", "")
         apps.append(
             OneSignalApp(
                 app_id=app_id,
@@ -529,8 +529,8 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         )
         t.finish()
     onesignal = OneSignalConfig(
-        api_url=o.str("api_url", OneSignalConfig.api_url).rstrip("/"),
-        timeout_s=o.float("timeout_s", 10.0, minimum=0.1),
+        api_url=o.text("api_url", OneSignalConfig.api_url).rstrip("/"),
+        timeout_s=o.number("timeout_s", 10.0, minimum=0.1),
         apps=tuple(apps),
     )
     if not onesignal.api_url.startswith(("http://", "https://")):
@@ -540,11 +540,11 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     ts = root.table("tag_sync")
     rules: list[TagRule] = []
     for t in ts.tables("rules"):
-        kinds = t.strs("kinds", ())
+        kinds = t.texts("kinds", ())
         if not kinds:
             raise ConfigError(f"{t.key}.kinds", "must list at least one event kind (globs allowed)")
-        tags = t.str_map("tags")
-        delete = t.strs("delete", ())
+        tags = t.text_map("tags")
+        delete = t.texts("delete", ())
         if not tags and not delete:
             raise ConfigError(t.key, "needs `tags` or `delete`")
         rules.append(
@@ -552,31 +552,31 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
                 kinds=kinds,
                 tags=tags,
                 delete=delete,
-                channels=t.strs("channels", ()),
-                apps=t.strs("apps", ()),
+                channels=t.texts("channels", ()),
+                apps=t.texts("apps", ()),
             )
         )
         t.finish()
     tag_sync = TagSyncConfig(
-        group_id=ts.str("group_id", TagSyncConfig.group_id),
-        topics=ts.strs("topics", ()),
-        alias_label=ts.str("alias_label", "external_id", ("external_id", "onesignal_id")),
-        flush_interval_s=ts.float("flush_interval_s", 1.0, minimum=0),
-        max_keys_per_request=ts.int("max_keys_per_request", 100, minimum=1),
-        per_user_interval_s=ts.float("per_user_interval_s", 1.0, minimum=0),
-        app_rate_limit=ts.float("app_rate_limit", 500.0, minimum=0.1),
-        max_concurrency=ts.int("max_concurrency", 64, minimum=1),
-        max_attempts=ts.int("max_attempts", 8, minimum=1),
-        backoff_base_s=ts.float("backoff_base_s", 1.0, minimum=0),
-        backoff_cap_s=ts.float("backoff_cap_s", 60.0, minimum=0),
-        max_retry_elapsed_s=ts.float("max_retry_elapsed_s", 900.0, minimum=0),
+        group_id=ts.text("group_id", TagSyncConfig.group_id),
+        topics=ts.texts("topics", ()),
+        alias_label=ts.text("alias_label", "external_id", ("external_id", "onesignal_id")),
+        flush_interval_s=ts.number("flush_interval_s", 1.0, minimum=0),
+        max_keys_per_request=ts.integer("max_keys_per_request", 100, minimum=1),
+        per_user_interval_s=ts.number("per_user_interval_s", 1.0, minimum=0),
+        app_rate_limit=ts.number("app_rate_limit", 500.0, minimum=0.1),
+        max_concurrency=ts.integer("max_concurrency", 64, minimum=1),
+        max_attempts=ts.integer("max_attempts", 8, minimum=1),
+        backoff_base_s=ts.number("backoff_base_s", 1.0, minimum=0),
+        backoff_cap_s=ts.number("backoff_cap_s", 60.0, minimum=0),
+        max_retry_elapsed_s=ts.number("max_retry_elapsed_s", 900.0, minimum=0),
         dead_letter_topic=_topic_ok(
             "tag_sync.dead_letter_topic",
-            ts.str("dead_letter_topic", TagSyncConfig.dead_letter_topic),
+            ts.text("dead_letter_topic", TagSyncConfig.dead_letter_topic),
         ),
-        delete_value=ts.str("delete_value", "", ("", "null")),
-        max_poll_records=ts.int("max_poll_records", 500, minimum=1),
-        metrics_port=ts.int("metrics_port", 9102, minimum=0),
+        delete_value=ts.text("delete_value", "", ("", "null")),
+        max_poll_records=ts.integer("max_poll_records", 500, minimum=1),
+        metrics_port=ts.integer("metrics_port", 9102, minimum=0),
         rules=tuple(rules),
     )
     if tag_sync.max_keys_per_request > 100:
