@@ -1,0 +1,528 @@
+"""The tag-sync worker against the real (mock-cluster) broker and the loopback fake OneSignal.
+
+Every assertion is about what crossed a real socket: the fake's request log and tag state,
+the group's committed offsets, the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from onesignal.configuration import Configuration
+from onesignal.model.properties_object import PropertiesObject
+from onesignal.model.update_user_request import UpdateUserRequest
+from onesignal.model_utils import validate_and_convert_types
+
+from gateway.config import Config, parse_config
+from gateway.embedded_broker import EmbeddedBroker
+from gateway.event import NormalizedEvent, Received
+from gateway.fake_onesignal import FakeOneSignal, LoggedRequest
+from gateway.records import build_record, header
+from gateway.tagsync.worker import run_tag_sync
+
+from .conftest import KAFKA_API_VERSION, read_topic, unique
+
+API_KEY = "test-app-key-123"
+APP = "11111111-2222-3333-4444-555555555555"
+ROOT = Path(__file__).resolve().parents[1]
+
+RULES: list[dict[str, Any]] = [
+    {
+        "kinds": ["message.*.clicked"],
+        "tags": {"last_clicked_at": "{occurred_unix}", "last_clicked_channel": "{channel}"},
+    },
+    {"kinds": ["message.email.bounced"], "tags": {"email_bounced": "1"}},
+    {"kinds": ["message.email.unsubscribed"], "delete": ["newsletter"]},
+    {"kinds": ["message.push.clicked"], "tags": {"last_title": "{message.title}"}},
+    {"kinds": ["message.push.sent"], "tags": {"seq": "{data.seq}"}},
+]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def config_data(
+    broker: EmbeddedBroker, fake: FakeOneSignal, topic: str, group: str, **tag_sync: Any
+) -> dict[str, Any]:
+    ts: dict[str, Any] = {
+        "group_id": group,
+        "topics": [topic],
+        "flush_interval_s": 0.3,
+        "backoff_base_s": 0.05,
+        "backoff_cap_s": 0.3,
+        "max_attempts": 5,
+        "metrics_port": 0,
+        "dead_letter_topic": f"{topic}.dlt",
+        "rules": RULES,
+    }
+    ts.update(tag_sync)
+    return {
+        "kafka": {"bootstrap_servers": broker.bootstrap_servers, "api_version": "2.3"},
+        "onesignal": {"api_url": fake.url, "apps": [{"app_id": APP, "api_key_env": "OS_KEY"}]},
+        "tag_sync": ts,
+    }
+
+
+def make_config(*args: Any, **kw: Any) -> Config:
+    return parse_config(config_data(*args, **kw), env={"OS_KEY": API_KEY})
+
+
+def ev(
+    user: dict[str, str],
+    kind: str = "message.push.clicked",
+    t: int = 0,
+    app_id: str | None = APP,
+    **fields: Any,
+) -> NormalizedEvent:
+    channel, action = kind.split(".")[1:3]
+    return NormalizedEvent(
+        id=unique("ev"),
+        kind=kind,
+        channel=channel,
+        action=action,
+        app_id=app_id,
+        occurred_at=datetime.fromtimestamp(1_700_000_000 + t, UTC),
+        user=user,
+        **fields,
+    )
+
+
+def producer(broker: EmbeddedBroker) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=broker.bootstrap_servers.split(","),
+        api_version=KAFKA_API_VERSION,
+        acks="all",
+    )
+
+
+def produce(
+    broker: EmbeddedBroker, topic: str, events: list[NormalizedEvent], partition: int | None = None
+) -> list[tuple[int, int]]:
+    """Send and return (partition, offset) per event, in order."""
+    p = producer(broker)
+    received = Received("test", datetime.now(UTC), "127.0.0.1")
+    futures = []
+    for e in events:
+        r = build_record(e, received, topic_template=topic, source_name="test")
+        futures.append(
+            p.send(topic, key=r.key, value=r.value, headers=r.headers, partition=partition)
+        )
+    out = [(md.partition, md.offset) for md in (f.get(timeout=20) for f in futures)]
+    p.close()
+    return out
+
+
+def committed(broker: EmbeddedBroker, group: str, topic: str) -> dict[int, int | None]:
+    c = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers.split(","),
+        api_version=KAFKA_API_VERSION,
+        group_id=group,
+        enable_auto_commit=False,
+    )
+    try:
+        parts = c.partitions_for_topic(topic) or set()
+        return {p: c.committed(TopicPartition(topic, p)) for p in sorted(parts)}
+    finally:
+        c.close(autocommit=False)
+
+
+def end_offsets(broker: EmbeddedBroker, topic: str) -> dict[int, int]:
+    c = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers.split(","), api_version=KAFKA_API_VERSION
+    )
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        return {tp.partition: off for tp, off in c.end_offsets(tps).items()}
+    finally:
+        c.close()
+
+
+def all_committed(broker: EmbeddedBroker, group: str, topic: str) -> bool:
+    ends = end_offsets(broker, topic)
+    got = committed(broker, group, topic)
+    return all(end == 0 or got.get(p) == end for p, end in ends.items())
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float = 20.0, every: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return cond()
+
+
+@contextmanager
+def running(config: Config, **kw: Any) -> Iterator[threading.Event]:
+    stop = threading.Event()
+    result: list[int] = []
+    thread = threading.Thread(
+        target=lambda: result.append(run_tag_sync(config, stop=stop, **kw)), daemon=True
+    )
+    thread.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive(), "worker did not stop"
+    assert result == [0]
+
+
+def assert_official_model_accepts(requests: list[LoggedRequest]) -> None:
+    """OneSignal's own Python client model takes every body we sent."""
+    cfg = Configuration()
+    assert requests
+    for r in requests:
+        model = validate_and_convert_types(
+            r.body, (UpdateUserRequest,), ["body"], True, True, configuration=cfg
+        )
+        assert isinstance(model, UpdateUserRequest)
+        assert isinstance(model.properties, PropertiesObject)
+        assert set(r.body) == {"properties"} and set(r.body["properties"]) == {"tags"}
+        assert model.properties.tags == r.body["properties"]["tags"]
+        assert all(isinstance(v, str) for v in model.properties.tags.values())
+
+
+def user_requests(fake: FakeOneSignal, alias_id: str) -> list[LoggedRequest]:
+    return [r for r in fake.requests if r.alias_id == alias_id]
+
+
+def min_gap_per_user(requests: list[LoggedRequest]) -> float:
+    by_user: dict[tuple[str, str, str], list[float]] = {}
+    for r in requests:
+        by_user.setdefault(r.user, []).append(r.at)
+    gaps = [b - a for ts in by_user.values() for a, b in itertools.pairwise(sorted(ts))]
+    return min(gaps, default=float("inf"))
+
+
+def max_per_window(requests: list[LoggedRequest], window: float = 1.0) -> int:
+    times = sorted(r.at for r in requests)
+    return max((sum(1 for u in times if t <= u < t + window) for t in times), default=0)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOneSignal]:
+    with FakeOneSignal(api_key=API_KEY) as f:
+        yield f
+
+
+# -- the fake itself ------------------------------------------------------------------------
+
+
+def test_fake_plays_the_documented_endpoint(fake: FakeOneSignal) -> None:
+    url = f"{fake.url}/apps/{APP}/users/by/external_id/a%2Fb"
+    ok_headers = {"Authorization": f"Key {API_KEY}", "Content-Type": "application/json"}
+    body = {"properties": {"tags": {"x": "1", "y": "2"}}}
+    with httpx.Client() as h:
+        r = h.patch(url, json=body)
+        assert r.status_code == 401 and r.json()["errors"][0]["code"] == "auth-1"
+        r = h.patch(url, json=body, headers={"Authorization": "Key wrong"})
+        assert r.status_code == 401
+        r = h.patch(url, json={"properties": {"tags": {"x": 1}}}, headers=ok_headers)
+        assert r.status_code == 400 and "title" in r.json()["errors"][0]
+        r = h.patch(url, json=body, headers=ok_headers)
+        assert r.status_code == 202 and r.json() == {"properties": {"tags": {"x": "1", "y": "2"}}}
+        r = h.patch(url, json={"properties": {"tags": {"x": ""}}}, headers=ok_headers)
+        assert r.status_code == 429 and r.json()["errors"] == ["API rate limit exceeded"]
+        assert r.headers["retry-after"] == "1"
+        fake.script(503, retry_after=3, alias_id="other")
+        other = f"{fake.url}/apps/{APP}/users/by/external_id/other"
+        r = h.patch(other, json=body, headers=ok_headers)
+        assert r.status_code == 503 and r.headers["retry-after"] == "3"
+        r = h.patch(
+            f"{fake.url}/apps/{APP}/users/by/external_id/a/b", json=body, headers=ok_headers
+        )
+        assert r.status_code == 404  # an unencoded "/" is not the user "a/b"
+    assert fake.tags(APP, "external_id", "a/b") == {"x": "1", "y": "2"}
+    assert [r.status for r in fake.requests] == [401, 401, 400, 202, 429, 503, 404]
+
+
+# -- the worker -----------------------------------------------------------------------------
+
+
+def test_bodies_headers_merging_per_user_limit_and_commits(
+    broker: EmbeddedBroker, fake: FakeOneSignal
+) -> None:
+    topic, group = unique("ts-main"), unique("g")
+    cfg = make_config(broker, fake, topic, group)
+    slash = {"external_id": "a/b", "onesignal_id": "os-ab"}
+    events = [
+        ev(slash, "message.push.clicked", t=100, message={"id": "m1", "title": "Hi"}),
+        ev(slash, "message.email.clicked", t=300),
+        ev(slash, "message.push.clicked", t=200),  # older than the email click: loses
+        ev(slash, "message.email.unsubscribed", t=50),
+        ev({"onesignal_id": "os-only"}, "message.email.bounced", t=10),
+        ev({}, "message.email.bounced", t=10),  # nobody to update: counted, committed
+        ev({"external_id": "x"}, "message.push.clicked", t=5, app_id="unknown-app"),
+        ev({"external_id": "x"}, "message.sms.sent", t=5),  # no rule
+    ]
+    produce(broker, topic, events)
+    # Not ours: no CloudEvents headers, not even JSON.
+    p = producer(broker)
+    p.send(topic, key=b"a/b", value=b"\x00garbage").get(timeout=20)
+    p.close()
+
+    with running(cfg):
+        assert fake.wait_for(lambda f: len(f.requests) >= 2 and all_committed(broker, group, topic))
+        first_wave = fake.requests
+        assert len(user_requests(fake, "a/b")) == 1  # four events, one PATCH
+        # More events for the same user while running: flushed, but never twice within 1 s.
+        for i in range(4):
+            produce(broker, topic, [ev(slash, "message.push.clicked", t=400 + i)])
+            time.sleep(0.25)
+        assert fake.wait_for(
+            lambda f: f.tags(APP, "external_id", "a/b").get("last_clicked_at") == str(1_700_000_403)
+        )
+        assert wait_until(lambda: all_committed(broker, group, topic))
+
+    a_b = user_requests(fake, "a/b")
+    first = a_b[0]
+    assert first.path == f"/apps/{APP}/users/by/external_id/a%2Fb"
+    assert first.headers["authorization"] == f"Key {API_KEY}"
+    assert first.headers["content-type"] == "application/json"
+    assert first.body == {
+        "properties": {
+            "tags": {
+                "last_clicked_at": str(1_700_000_300),
+                "last_clicked_channel": "email",
+                "last_title": "Hi",
+                "newsletter": "",
+            }
+        }
+    }
+    os_only = user_requests(fake, "os-only")
+    assert [r.path for r in os_only] == [f"/apps/{APP}/users/by/onesignal_id/os-only"]
+    assert os_only[0].body == {"properties": {"tags": {"email_bounced": "1"}}}
+    assert len(first_wave) == 2  # nothing for the alias-less, unknown-app, no-rule, garbage
+    assert 2 <= len(a_b) <= 5
+    assert min_gap_per_user(fake.requests) >= 1.0
+    assert all(r.status == 202 for r in fake.requests)
+    assert_official_model_accepts(fake.requests)
+
+    dlt = read_topic(broker.bootstrap_servers, f"{topic}.dlt", expect=1)
+    assert len(dlt) == 1
+    assert header(dlt[0].headers, "dlq_reason") == "unknown-app"
+    assert header(dlt[0].headers, "dlq_source_topic") == topic
+    assert header(dlt[0].headers, "ce_type") == "com.onesignal.message.push.clicked"
+    assert orjson.loads(dlt[0].value)["app_id"] == "unknown-app"
+
+
+def test_app_rate_limit_holds_over_every_second(broker: EmbeddedBroker) -> None:
+    topic, group = unique("ts-rate"), unique("g")
+    users = 70
+    with FakeOneSignal(api_key=API_KEY, app_rate_limit=20) as fake:
+        cfg = make_config(broker, fake, topic, group, app_rate_limit=20, flush_interval_s=0.1)
+        produce(broker, topic, [ev({"external_id": f"u{i}"}, t=i) for i in range(users)])
+        with running(cfg):
+            assert fake.wait_for(lambda f: len(f.all_tags()) == users, timeout_s=30)
+        reqs = fake.requests
+    assert max_per_window(reqs) <= 20
+    assert all(r.status == 202 for r in reqs)  # the fake's own limit never had to say 429
+    span = reqs[-1].at - reqs[0].at
+    assert span >= (users - 20) / 20 - 0.1  # and it really was held back
+
+
+def test_retry_after_5xx_retries_permanent_failures_and_commit_order(
+    broker: EmbeddedBroker, fake: FakeOneSignal
+) -> None:
+    topic, group = unique("ts-faults"), unique("g")
+    cfg = make_config(broker, fake, topic, group, max_concurrency=1, flush_interval_s=0.1)
+    fake.script(429, retry_after=2)  # whoever comes first
+    fake.script(503, retry_after=1, alias_id="slow")
+    fake.script(500, count=2, alias_id="flaky")
+    fake.script(400, alias_id="bad")
+    fake.script(404, alias_id="gone")
+    names = ["ok1", "slow", "bad", "gone", "flaky", "ok2"]
+    placed = produce(broker, topic, [ev({"external_id": n}, t=i) for i, n in enumerate(names)], 0)
+    offset = {n: off for n, (_, off) in zip(names, placed, strict=True)}
+
+    samples: list[int | None] = []
+    with running(cfg):
+        # Until "slow" succeeded, partition 0 must not be committed past it.
+        def slow_done() -> bool:
+            samples.append(committed(broker, group, topic).get(0))
+            return any(r.status == 202 for r in user_requests(fake, "slow"))
+
+        assert wait_until(slow_done, timeout_s=30, every=0.05)
+        assert fake.wait_for(lambda f: len(f.all_tags()) == 4, timeout_s=20)
+        assert wait_until(lambda: all_committed(broker, group, topic))
+
+    assert all(s is None or s <= offset["slow"] for s in samples[:-1])
+    reqs = fake.requests
+    # Retry-After is honoured for the whole app: nothing at all is sent before it passed.
+    for i, r in enumerate(reqs[:-1]):
+        if r.status in (429, 503):
+            wait = {429: 2.0, 503: 1.0}[r.status]
+            assert reqs[i + 1].at - r.at >= wait, (r.alias_id, r.status)
+    assert [r.status for r in user_requests(fake, "flaky")][-3:] == [500, 500, 202]
+    assert [r.status for r in user_requests(fake, "bad")] == [400]
+    assert [r.status for r in user_requests(fake, "gone")] == [404]
+    assert set(fake.all_tags()) == {
+        (APP, "external_id", n) for n in ("ok1", "slow", "flaky", "ok2")
+    }
+    assert_official_model_accepts([r for r in reqs if r.status == 202])
+
+    dlt = read_topic(broker.bootstrap_servers, f"{topic}.dlt", expect=2)
+    by_user = {orjson.loads(r.value)["alias_id"]: r for r in dlt}
+    assert set(by_user) == {"bad", "gone"}
+    for name, status in (("bad", 400), ("gone", 404)):
+        rec = by_user[name]
+        assert header(rec.headers, "dlq_reason") == f"http-{status}"
+        assert header(rec.headers, "dlq_status") == str(status)
+        assert "errors" in orjson.loads(header(rec.headers, "dlq_response") or "{}")
+        assert header(rec.headers, "dlq_source_topic") == topic
+        assert header(rec.headers, "dlq_source_partition") == "0"
+        assert header(rec.headers, "dlq_source_offsets") == str(offset[name])
+        value = orjson.loads(rec.value)
+        assert API_KEY not in rec.value.decode()
+        assert value["body"]["properties"]["tags"]["last_clicked_channel"] == "push"
+
+
+def test_retries_exhausted_go_to_the_dead_letter_topic(
+    broker: EmbeddedBroker, fake: FakeOneSignal
+) -> None:
+    topic, group = unique("ts-exhaust"), unique("g")
+    cfg = make_config(broker, fake, topic, group, max_attempts=3, flush_interval_s=0.1)
+    fake.script(502, count=10, alias_id="down")
+    produce(broker, topic, [ev({"external_id": "down"}), ev({"external_id": "fine"})])
+    with running(cfg):
+        dlt = read_topic(broker.bootstrap_servers, f"{topic}.dlt", expect=1, timeout_s=20)
+        assert wait_until(lambda: all_committed(broker, group, topic))
+    assert [r.status for r in user_requests(fake, "down")] == [502, 502, 502]
+    assert header(dlt[0].headers, "dlq_reason") == "retries-exhausted"
+    assert header(dlt[0].headers, "dlq_attempts") == "3"
+    assert fake.tags(APP, "external_id", "fine")
+
+
+def test_dry_run_prints_and_sends_and_commits_nothing(
+    broker: EmbeddedBroker, fake: FakeOneSignal
+) -> None:
+    topic, group = unique("ts-dry"), unique("g")
+    cfg = make_config(broker, fake, topic, group, flush_interval_s=0.1)
+    produce(broker, topic, [ev({"external_id": "d/1"}, t=1), ev({"external_id": "d2"}, t=2)])
+    out = io.StringIO()
+    with running(cfg, dry_run=True, out=out):
+        assert wait_until(lambda: out.getvalue().count("\n") >= 2)
+        time.sleep(0.7)  # a commit would have happened by now (every 0.5 s)
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert {line["url"] for line in lines} == {
+        f"{fake.url}/apps/{APP}/users/by/external_id/d%2F1",
+        f"{fake.url}/apps/{APP}/users/by/external_id/d2",
+    }
+    assert all(line["method"] == "PATCH" and "tags" in line["body"]["properties"] for line in lines)
+    assert API_KEY not in out.getvalue()
+    assert fake.requests == []
+    assert all(v is None for v in committed(broker, group, topic).values())
+
+
+# -- crash and shutdown (worker as a subprocess) ---------------------------------------------
+
+
+def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
+    def toml_value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+        return orjson.dumps(v).decode()  # strings, numbers, lists: JSON syntax is TOML here
+
+    lines: list[str] = []
+    for section in ("kafka", "onesignal", "tag_sync"):
+        lines.append(f"[{section}]")
+        for k, v in data[section].items():
+            if k not in ("apps", "rules"):
+                lines.append(f"{k} = {toml_value(v)}")
+    for app in data["onesignal"]["apps"]:
+        lines += ["[[onesignal.apps]]", *(f"{k} = {toml_value(v)}" for k, v in app.items())]
+    for rule in data["tag_sync"]["rules"]:
+        lines += ["[[tag_sync.rules]]", *(f"{k} = {toml_value(v)}" for k, v in rule.items())]
+    path = tmp_path / "tagsync.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OS_KEY=API_KEY, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.tagsync", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
+
+
+def test_kill9_replays_and_sigterm_commits(
+    broker: EmbeddedBroker, fake: FakeOneSignal, tmp_path: Path
+) -> None:
+    topic, group = unique("ts-crash"), unique("g")
+    data = config_data(broker, fake, topic, group, flush_interval_s=0.2)
+    path = write_config(tmp_path, data)
+    log = tmp_path / "worker.log"
+    users, waves = 40, 6
+    model: dict[str, str] = {}
+
+    def wave(w: int) -> None:
+        produce(
+            broker,
+            topic,
+            [
+                ev({"external_id": f"u{i}"}, "message.push.sent", t=w * 10, data={"seq": f"{w}"})
+                for i in range(users)
+            ],
+        )
+        model.update({f"u{i}": str(w) for i in range(users)})
+
+    def applied() -> bool:
+        state = fake.all_tags()
+        return all(state.get((APP, "external_id", u), {}).get("seq") == s for u, s in model.items())
+
+    worker = spawn(path, log)
+    try:
+        for w in range(3):
+            wave(w)
+            time.sleep(0.4)
+        assert fake.wait_for(lambda f: len(f.requests) >= users, timeout_s=30), log.read_text()
+        worker.send_signal(signal.SIGKILL)  # mid-way: waves 0-2 partly sent, partly committed
+        worker.wait(10)
+        killed_at = len(fake.requests)
+        for w in range(3, waves):
+            wave(w)
+        worker = spawn(path, log)
+        assert fake.wait_for(lambda f: applied(), timeout_s=45), log.read_text()[-3000:]
+        assert wait_until(lambda: all_committed(broker, group, topic), timeout_s=15)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+
+    reqs = fake.requests
+    assert all(r.status == 202 for r in reqs)
+    assert min_gap_per_user(reqs) >= 1.0
+    assert killed_at >= users
+    assert_official_model_accepts(reqs)
+    # After a clean stop a restart re-sends nothing: everything done was committed.
+    assert all_committed(broker, group, topic)
+    before = len(reqs)
+    cfg = make_config(broker, fake, topic, group, flush_interval_s=0.2)
+    with running(cfg):
+        time.sleep(4.5)  # group join (~3 s) plus a flush window
+    assert len(fake.requests) == before
+    assert applied()
