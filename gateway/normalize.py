@@ -29,12 +29,11 @@ from typing import Any, Final
 
 import orjson
 
+from .config import SOURCE_FORMATS
 from .event import NormalizationError, NormalizedEvent
 from .kinds import canonical_kind, split_kind
 
-__all__ = ["FORMATS", "content_id", "normalize"]
-
-FORMATS: Final = ("event-stream", "journey", "web-push")
+__all__ = ["content_id", "normalize"]
 
 # Fixed forever: changing it changes every content-hash event id, and with it deduplication.
 _CONTENT_ID_NAMESPACE: Final = uuid.UUID("f8d415d0-9d35-4fc4-bd67-b4857773b56a")
@@ -603,9 +602,10 @@ def normalize(
 
     Raises :class:`NormalizationError` (and nothing else) when the body cannot be one.
     """
-    if fmt not in FORMATS:
+    if fmt not in SOURCE_FORMATS:
         raise NormalizationError(
-            "unsupported-format", f"unknown source format {fmt!r}; one of {', '.join(FORMATS)}"
+            "unsupported-format",
+            f"unknown source format {fmt!r}; one of {', '.join(SOURCE_FORMATS)}",
         )
     if not isinstance(payload, dict):
         raise NormalizationError(
