@@ -71,7 +71,9 @@ class Gateway:
         self.seen = SeenWindow(self.config.dedupe.window_s, self.config.dedupe.max_entries)
 
     def received(self, source: SourceConfig, client_ip: str) -> Received:
-        return Received(source=source.name, at=datetime.fromtimestamp(self.clock(), UTC), client_ip=client_ip)
+        return Received(
+            source=source.name, at=datetime.fromtimestamp(self.clock(), UTC), client_ip=client_ip
+        )
 
 
 def _secret_ok(values: list[bytes], secrets: tuple[bytes, ...]) -> bool:
@@ -162,28 +164,42 @@ class _SourceRoute:
                 405,
                 "method-not-allowed",
                 f"{request.method} is not accepted here; send POST",
-                {"allow": "POST, PUT, PATCH" + (", OPTIONS" if source.format == "web-push" else "")},
+                {
+                    "allow": "POST, PUT, PATCH"
+                    + (", OPTIONS" if source.format == "web-push" else "")
+                },
             )
 
         peer = request.scope.get("client")
         client = trust.resolve_client_ip(
-            peer[0] if peer else None, request.scope["headers"], self.gw.proxies, self.header_name.decode()
+            peer[0] if peer else None,
+            request.scope["headers"],
+            self.gw.proxies,
+            self.header_name.decode(),
         )
         if source.require_allowlisted_ip and not self.gw.allowlist.contains(client.ip):
             self._count("forbidden_ip")
             log.info(
                 "refused: sender not in allowlist",
-                extra={"source": source.name, "client_ip": client.ip, "malformed_chain": client.malformed},
+                extra={
+                    "source": source.name,
+                    "client_ip": client.ip,
+                    "malformed_chain": client.malformed,
+                },
             )
             return _error(403, "forbidden", "sender address is not allowed (ip-not-allowed)")
         if source.require_secret:
             values = [v for k, v in request.scope["headers"] if k == self.secret_header]
             if not _secret_ok(values, self.secrets):
                 self._count("forbidden_secret")
-                reason = "secret-missing" if not values else (
-                    "secret-repeated" if len(values) > 1 else "secret-invalid"
+                reason = (
+                    "secret-missing"
+                    if not values
+                    else ("secret-repeated" if len(values) > 1 else "secret-invalid")
                 )
-                log.info("refused: %s", reason, extra={"source": source.name, "client_ip": client.ip})
+                log.info(
+                    "refused: %s", reason, extra={"source": source.name, "client_ip": client.ip}
+                )
                 return _error(403, "forbidden", f"shared secret check failed ({reason})")
 
         try:
@@ -214,9 +230,16 @@ class _SourceRoute:
             )
         except NormalizationError as exc:
             return await self._dead_letter(exc.reason, str(exc), body, content_type, received)
-        if event.kind not in kinds.KNOWN_KINDS and self.gw.config.kafka.unknown_kinds == "dead-letter":
+        if (
+            event.kind not in kinds.KNOWN_KINDS
+            and self.gw.config.kafka.unknown_kinds == "dead-letter"
+        ):
             return await self._dead_letter(
-                "unknown-kind", f"event kind {event.kind!r} is not known", body, content_type, received
+                "unknown-kind",
+                f"event kind {event.kind!r} is not known",
+                body,
+                content_type,
+                received,
             )
         return await self._publish_event(event, received)
 
@@ -326,7 +349,10 @@ def create_app(
     allowlist = allowlist or ranges.Allowlist.from_config(config.allowlist)
     warm = tuple(
         dict.fromkeys(
-            [config.kafka.topic.format(channel=c) for c in ("push", "email", "sms", "iam", "live_activity")]
+            [
+                config.kafka.topic.format(channel=c)
+                for c in ("push", "email", "sms", "iam", "live_activity")
+            ]
             + [config.kafka.dead_letter_topic]
         )
     )
@@ -345,8 +371,11 @@ def create_app(
             {
                 "status": "ready" if status == 200 else "not-ready",
                 "kafka": kafka_detail,
-                "allowlist": {"loaded": allow_ok, "ranges": gw.allowlist.size,
-                              "sync_token": gw.allowlist.sync_token},
+                "allowlist": {
+                    "loaded": allow_ok,
+                    "ranges": gw.allowlist.size,
+                    "sync_token": gw.allowlist.sync_token,
+                },
             },
             status_code=status,
         )
@@ -369,7 +398,13 @@ def create_app(
     path_to_source: dict[str, str] = {}
     for source in config.sources:
         handler = _SourceRoute(gw, source)
-        routes.append(Route(source.path, handler, methods=["GET", "HEAD", "OPTIONS", *_WRITE_METHODS, "DELETE"]))
+        routes.append(
+            Route(
+                source.path,
+                handler.__call__,
+                methods=["GET", "HEAD", "OPTIONS", *_WRITE_METHODS, "DELETE"],
+            )
+        )
         path_to_source[source.path] = source.name
 
     @contextlib.asynccontextmanager
@@ -382,7 +417,10 @@ def create_app(
             refresher_task = asyncio.create_task(refresher.run(refresher_stop))
         log.info(
             "ingress started",
-            extra={"sources": [s.name for s in config.sources], "allowlist_ranges": gw.allowlist.size},
+            extra={
+                "sources": [s.name for s in config.sources],
+                "allowlist_ranges": gw.allowlist.size,
+            },
         )
         try:
             yield
@@ -402,6 +440,7 @@ def create_app(
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gw
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.server.max_body_bytes, on_refuse=on_too_large)
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=config.server.max_body_bytes, on_refuse=on_too_large
+    )
     return app
-

@@ -34,7 +34,8 @@ def _kafka_reachable(cfg: Config) -> tuple[bool, str]:
 
 def _onesignal_key_ok(cfg: Config, app_id: str, key: str) -> tuple[bool, str]:
     """Look up a user that does not exist: 404 means the key was accepted, 401/403 not."""
-    url = f"{cfg.onesignal.api_url}/apps/{app_id}/users/by/external_id/check-config-{uuid.uuid4().hex}"
+    probe = f"check-config-{uuid.uuid4().hex}"
+    url = f"{cfg.onesignal.api_url}/apps/{app_id}/users/by/external_id/{probe}"
     try:
         r = httpx.get(url, headers={"Authorization": f"Key {key}"}, timeout=cfg.onesignal.timeout_s)
     except httpx.HTTPError as exc:
@@ -47,17 +48,26 @@ def _onesignal_key_ok(cfg: Config, app_id: str, key: str) -> tuple[bool, str]:
 def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
     problems = 0
     print(f"config: {cfg.path} is valid", file=out)
-    print(f"server: {cfg.server.host}:{cfg.server.port}, trusted proxies "
-          f"{', '.join(cfg.server.trusted_proxies) or '(none)'} via {cfg.server.proxy_header}", file=out)
+    print(
+        f"server: {cfg.server.host}:{cfg.server.port}, trusted proxies "
+        f"{', '.join(cfg.server.trusted_proxies) or '(none)'} via {cfg.server.proxy_header}",
+        file=out,
+    )
     for src in cfg.sources:
-        secret = (f"{len(src.secrets)} secret(s) from ${src.secrets_env} in header {src.secret_header}"
-                  if src.require_secret else "no secret required")
+        secret = (
+            f"{len(src.secrets)} secret(s) from ${src.secrets_env} in header {src.secret_header}"
+            if src.require_secret
+            else "no secret required"
+        )
         ip = "allowlisted senders only" if src.require_allowlisted_ip else "any sender address"
         print(f"source {src.name}: {src.path} ({src.format}); {ip}; {secret}", file=out)
     try:
         allow = ranges.Allowlist.from_config(cfg.allowlist)
-        print(f"allowlist: {allow.size} ranges (scopes {', '.join(cfg.allowlist.scopes)}, "
-              f"syncToken {allow.sync_token})", file=out)
+        print(
+            f"allowlist: {allow.size} ranges (scopes {', '.join(cfg.allowlist.scopes)}, "
+            f"syncToken {allow.sync_token})",
+            file=out,
+        )
     except (ranges.RangesError, OSError) as exc:
         problems += 1
         print(f"allowlist: FAILED: {exc}", file=out)
@@ -74,7 +84,10 @@ def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
             problems += not ok
             print(f"onesignal app {app.app_id}: {'ok' if ok else 'FAILED'}: {detail}", file=out)
         else:
-            print(f"onesignal app {app.app_id}: key present in ${app.api_key_env} "
-                  "(use --online to try it)", file=out)
+            print(
+                f"onesignal app {app.app_id}: key present in ${app.api_key_env} "
+                "(use --online to try it)",
+                file=out,
+            )
     print("all checks passed" if not problems else f"{problems} problem(s)", file=out)
     return 0 if not problems else 1

@@ -104,8 +104,11 @@ def cmd_ranges(args: argparse.Namespace) -> int:
         return 0
     # update
     if not snapshot_path:
-        print("ranges update: pass --snapshot FILE (or allowlist.snapshot in the config) to say "
-              "where the new snapshot goes; the bundled one is read-only", file=sys.stderr)
+        print(
+            "ranges update: pass --snapshot FILE (or allowlist.snapshot in the config) to say "
+            "where the new snapshot goes; the bundled one is read-only",
+            file=sys.stderr,
+        )
         return 2
     new = asyncio.run(_download(args.url, scopes))
     added, removed = ranges.diff(current, new)
@@ -113,7 +116,10 @@ def cmd_ranges(args: argparse.Namespace) -> int:
         print(f"+ {cidr}")
     for cidr in removed:
         print(f"- {cidr}")
-    print(f"{len(added)} added, {len(removed)} removed; syncToken {current.sync_token} -> {new.sync_token}")
+    print(
+        f"{len(added)} added, {len(removed)} removed; "
+        f"syncToken {current.sync_token} -> {new.sync_token}"
+    )
     if args.dry_run:
         return 0
     ranges.write_snapshot(snapshot_path, new)
@@ -132,7 +138,7 @@ async def _download(url: str, scopes: Sequence[str]) -> ranges_mod.RangeSnapshot
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
-        description="OneSignal webhooks and Event Streams into Kafka; derived tags back to OneSignal.",
+        description="OneSignal webhooks and Event Streams into Kafka; derived tags back to users.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tag-sync", help="run the tag-sync worker")
     with_config(p)
-    p.add_argument("--dry-run", action="store_true", help="print the updates instead of sending them")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the updates instead of sending them"
+    )
     p.set_defaults(func=cmd_tag_sync)
 
     p = sub.add_parser("demo", help="everything on an embedded broker, with sample events")
@@ -168,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", action="append", help="cloud.json scope (repeatable)")
     p.add_argument("--url", default=GOOGLE_CLOUD_JSON, help="where to download cloud.json from")
     p.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
-    p.add_argument("--onesignal", action="store_true", help="also list OneSignal's published ranges")
+    p.add_argument(
+        "--onesignal", action="store_true", help="also list OneSignal's published ranges"
+    )
     p.set_defaults(func=cmd_ranges)
     return parser
 

@@ -182,7 +182,7 @@ class SourceConfig:
     path: str
     format: str
     require_allowlisted_ip: bool = True
-    secret_header: str = "authorization"
+    secret_header: str = "authorization"  # noqa: S105 - a header name, not a secret
     secrets_env: str = ""
     secrets: tuple[Secret, ...] = ()
     require_secret: bool = True
@@ -280,7 +280,9 @@ class _Section:
         if not isinstance(value, str):
             raise ConfigError(self._name(name), f"must be a string, got {value!r}")
         if choices and value not in choices:
-            raise ConfigError(self._name(name), f"must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(
+                self._name(name), f"must be one of {', '.join(choices)}, got {value!r}"
+            )
         return value
 
     def flag(self, name: str, default: bool) -> bool:
@@ -389,7 +391,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         proxy_header=s.text("proxy_header", "x-forwarded-for", ("x-forwarded-for", "forwarded")),
         max_body_bytes=s.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=256),
         max_json_depth=s.integer("max_json_depth", ServerConfig.max_json_depth, minimum=2),
-        timeout_keep_alive=s.integer("timeout_keep_alive", ServerConfig.timeout_keep_alive, minimum=1),
+        timeout_keep_alive=s.integer(
+            "timeout_keep_alive", ServerConfig.timeout_keep_alive, minimum=1
+        ),
         limit_concurrency=s.integer("limit_concurrency", 0, minimum=0),
         graceful_shutdown_s=s.number("graceful_shutdown_s", 20.0, minimum=0),
         log_level=s.text("log_level", "info", ("debug", "info", "warning", "error")),
@@ -417,7 +421,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         bootstrap_servers=k.text("bootstrap_servers", KafkaConfig.bootstrap_servers),
         api_version=k.text("api_version", ""),
         client_id=k.text("client_id", KafkaConfig.client_id),
-        topic=_topic_ok("kafka.topic", _template_ok("kafka.topic", k.text("topic", KafkaConfig.topic))),
+        topic=_topic_ok(
+            "kafka.topic", _template_ok("kafka.topic", k.text("topic", KafkaConfig.topic))
+        ),
         dead_letter_topic=_topic_ok(
             "kafka.dead_letter_topic", k.text("dead_letter_topic", KafkaConfig.dead_letter_topic)
         ),
@@ -435,7 +441,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         security_protocol=k.text(
             "security_protocol", "PLAINTEXT", ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         ),
-        sasl_mechanism=k.text("sasl_mechanism", "", ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")),
+        sasl_mechanism=k.text(
+            "sasl_mechanism", "", ("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+        ),
         sasl_username=k.text("sasl_username", ""),
         sasl_password=_env_secret(
             env, "kafka.sasl_password_env", k.text("sasl_password_env", ""), required=False
@@ -443,7 +451,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         ssl_cafile=k.text("ssl_cafile", ""),
     )
     if kafka.api_version and not re.fullmatch(r"\d+(\.\d+){1,2}", kafka.api_version):
-        raise ConfigError("kafka.api_version", f"must look like '2.3' or be empty, got {kafka.api_version!r}")
+        raise ConfigError(
+            "kafka.api_version", f"must look like '2.3' or be empty, got {kafka.api_version!r}"
+        )
     if kafka.delivery_timeout_ms < kafka.linger_ms + kafka.request_timeout_ms:
         raise ConfigError(
             "kafka.delivery_timeout_ms", "must be at least linger_ms + request_timeout_ms"
@@ -467,7 +477,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
             raise ConfigError(f"{t.key}.name", "must be 1-64 letters, digits, '.', '_' or '-'")
         path = t.text("path", "")
         if not path.startswith("/") or path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
-            raise ConfigError(f"{t.key}.path", f"must start with '/' and not be a built-in route: {path!r}")
+            raise ConfigError(
+                f"{t.key}.path", f"must start with '/' and not be a built-in route: {path!r}"
+            )
         if path in seen_paths or name in seen_names:
             raise ConfigError(t.key, f"duplicate source name or path ({name!r}, {path!r})")
         seen_paths.add(path)

@@ -75,7 +75,9 @@ def _h(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 76 - len(title)))
 
 
-async def _wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+async def _wait_ready(
+    client: httpx.AsyncClient, proc: subprocess.Popen[bytes], timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -105,7 +107,11 @@ def _line(label: str, r: httpx.Response) -> str:
 
 
 async def _post(client: httpx.AsyncClient, path: str, payload: Any, **kw: Any) -> httpx.Response:
-    headers = {"authorization": f"Bearer {SECRET}", "content-type": "application/json", **LB_HEADERS}
+    headers = {
+        "authorization": f"Bearer {SECRET}",
+        "content-type": "application/json",
+        **LB_HEADERS,
+    }
     headers.update(kw.pop("headers", {}))
     content = kw.pop("content", None)
     if content is None:
@@ -221,7 +227,9 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         _h("Reading the topics back")
-        topics = [f"onesignal.{c}" for c in ("push", "email", "sms", "iam", "live_activity", "journey")]
+        topics = [
+            f"onesignal.{c}" for c in ("push", "email", "sms", "iam", "live_activity", "journey")
+        ]
         topics.append("onesignal.dead-letter")
         records = _read_back(broker.bootstrap_servers, topics)
         counts: dict[str, int] = {}
@@ -236,12 +244,18 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
             if rec.topic == "onesignal.push" and shown:
                 continue
             shown += 1
-            print(f"\n  -- {rec.topic} partition {rec.partition} offset {rec.offset}, "
-                  f"key {rec.key.decode() if rec.key else None}")
+            print(
+                f"\n  -- {rec.topic} partition {rec.partition} offset {rec.offset}, "
+                f"key {rec.key.decode() if rec.key else None}"
+            )
             for k, v in rec.headers:
                 print(f"     {k}: {v.decode(errors='replace')}")
             value = orjson.loads(rec.value) if rec.value and rec.value[:1] == b"{" else rec.value
-            text = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() if isinstance(value, dict) else repr(value)
+            text = (
+                orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+                if isinstance(value, dict)
+                else repr(value)
+            )
             print("\n".join("     " + line for line in text.splitlines()[:60]))
         _h("A few of the ingress metrics")
         for line in metrics.splitlines():
@@ -253,8 +267,12 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
 
 async def _demo_events(client: httpx.AsyncClient) -> None:
     _h("Event Streams: every documented kind, rotating through the body layouts")
-    message_kinds = sorted(k for k in KNOWN_KINDS if k.startswith("message.") and k not in (
-        "message.push.displayed", "message.push.dismissed"))
+    message_kinds = sorted(
+        k
+        for k in KNOWN_KINDS
+        if k.startswith("message.")
+        and k not in ("message.push.displayed", "message.push.dismissed")
+    )
     first_payload: dict[str, Any] | None = None
     for i, kind in enumerate(message_kinds):
         layout = samples.LAYOUTS[i % len(samples.LAYOUTS)]
@@ -263,7 +281,9 @@ async def _demo_events(client: httpx.AsyncClient) -> None:
         r = await _post(client, "/v1/onesignal/events", payload)
         print(_line(f"{kind} ({layout})", r))
     for legacy in ("message.email.hardbounced", "message.iam.displayed"):
-        payload = samples.event_stream_payload(legacy, layout="flat-dotted", event_id=str(uuid.uuid4()))
+        payload = samples.event_stream_payload(
+            legacy, layout="flat-dotted", event_id=str(uuid.uuid4())
+        )
         r = await _post(client, "/v1/onesignal/events", payload)
         print(_line(f"{legacy} (legacy spelling)", r))
 
@@ -291,10 +311,16 @@ async def _demo_events(client: httpx.AsyncClient) -> None:
     assert first_payload is not None
     r = await _post(client, "/v1/onesignal/events", first_payload)
     print(_line("same event.id again (OneSignal retry)", r))
-    r = await _post(client, "/v1/onesignal/events", first_payload,
-                    headers={"x-forwarded-for": f"{EU_WEST4_SENDER}, 203.0.113.66"})
+    r = await _post(
+        client,
+        "/v1/onesignal/events",
+        first_payload,
+        headers={"x-forwarded-for": f"{EU_WEST4_SENDER}, 203.0.113.66"},
+    )
     print(_line("spoofed XFF: europe-west4 IP left of a real one", r))
-    r = await _post(client, "/v1/onesignal/events", first_payload, headers={"authorization": "Bearer wrong"})
+    r = await _post(
+        client, "/v1/onesignal/events", first_payload, headers={"authorization": "Bearer wrong"}
+    )
     print(_line("wrong shared secret", r))
     r = await _post(client, "/v1/onesignal/events", None, content=b'{"event.kind": ')
     print(_line("invalid JSON", r))

@@ -13,6 +13,7 @@ by kafka-python's auto-negotiation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -98,10 +99,8 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
             self.process.terminate()
             try:
                 self.process.wait(10)

@@ -69,7 +69,9 @@ def decode_body(body: bytes, content_type: str | None, *, max_depth: int, allow_
     webhooks may be configured with a plain-text body).
     """
     media, charset = _media_type(content_type or "")
-    is_json_type = media in _JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
+    is_json_type = media in _JSON_TYPES or (
+        media.startswith("application/") and media.endswith("+json")
+    )
     if not is_json_type and media not in _TEXT_TYPES:
         raise BadRequest(
             415,
@@ -77,7 +79,9 @@ def decode_body(body: bytes, content_type: str | None, *, max_depth: int, allow_
             f"Content-Type {media!r} is not accepted; send application/json or text/plain",
         )
     if charset and charset not in ("utf-8", "utf8", "us-ascii"):
-        raise BadRequest(415, "unsupported-charset", f"charset {charset!r} is not accepted; use utf-8")
+        raise BadRequest(
+            415, "unsupported-charset", f"charset {charset!r} is not accepted; use utf-8"
+        )
     if not body.strip():
         raise BadRequest(400, "empty-body", "the request body is empty")
     if body.startswith(b"\xef\xbb\xbf"):
@@ -94,8 +98,11 @@ def decode_body(body: bytes, content_type: str | None, *, max_depth: int, allow_
         msg = str(exc)
         if "depth" in msg:
             raise BadRequest(400, "too-deep", f"JSON nesting deeper than {max_depth}") from None
-        if "surrogates" in msg:
-            raise BadRequest(400, "invalid-utf8", "the body holds unpaired UTF-16 surrogates") from None
+        if "surrogate" in msg.lower():
+            # raw surrogate bytes, or a \\ud800 escape with no low half: not Unicode text
+            raise BadRequest(
+                400, "invalid-utf8", "the body holds an unpaired UTF-16 surrogate"
+            ) from None
         if allow_text and not is_json_type:
             return text
         raise BadRequest(400, "invalid-json", f"the body is not valid JSON: {msg}") from None

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
@@ -68,7 +69,9 @@ def producer_options(cfg: KafkaConfig) -> dict[str, Any]:
 
 
 class KafkaSink:
-    def __init__(self, cfg: KafkaConfig, metrics: IngressMetrics, warm_topics: tuple[str, ...] = ()):
+    def __init__(
+        self, cfg: KafkaConfig, metrics: IngressMetrics, warm_topics: tuple[str, ...] = ()
+    ):
         self.cfg = cfg
         self.metrics = metrics
         self.warm_topics = warm_topics
@@ -107,21 +110,33 @@ class KafkaSink:
                 log.info("kafka producer created", extra={"bootstrap": self.cfg.bootstrap_servers})
             except Exception as exc:  # NoBrokersAvailable, config errors surface here
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("kafka producer not created yet, retrying", extra={"error": self.last_error})
+                log.warning(
+                    "kafka producer not created yet, retrying", extra={"error": self.last_error}
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        for topic in self.warm_topics:
-            await self._warm(topic)
+        # metadata for every topic we will write to, retried until the broker answers: until
+        # then /readyz says not ready, and the first send to a topic would block on it
+        pending = list(self.warm_topics)
+        delay = 0.5
+        while pending and not self._closed:
+            pending = [t for t in pending if not await self._warm(t)]
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
-    async def _warm(self, topic: str) -> None:
+    async def _warm(self, topic: str) -> bool:
         """Fetch a topic's metadata off the loop, so later sends never block on it."""
         assert self._loop is not None and self._producer is not None
         producer = self._producer
         try:
             await self._loop.run_in_executor(None, producer.partitions_for, topic)
-            self._known_topics.add(topic)
         except KafkaError as exc:
+            self.last_error = f"metadata for {topic}: {type(exc).__name__}"
             log.warning("metadata warm-up failed", extra={"topic": topic, "error": str(exc)})
+            return False
+        self._known_topics.add(topic)
+        return True
 
     async def close(self, timeout_s: float = 15.0) -> None:
         """Flush what was sent and close; bounded so a dead broker cannot hold shutdown."""
@@ -138,22 +153,26 @@ class KafkaSink:
     def in_flight(self) -> int:
         return self._in_flight
 
-    @property
-    def connected(self) -> bool:
-        p = self._producer
-        if p is None:
-            return False
-        try:
-            return bool(p.bootstrap_connected())
-        except Exception:  # noqa: BLE001 - a readiness probe must never raise
-            return False
-
     def ready(self) -> tuple[bool, str]:
+        """Whether this replica should get traffic, and why not.
+
+        Not ready: no producer yet, no metadata fetched yet, the backlog cap reached, or a
+        publish failed in the last ``retry_after_s`` seconds with no acknowledgement since.
+        The last condition decays by itself, so a load balancer that only routes to ready
+        replicas cannot leave this one unready forever.
+        """
         if self._producer is None:
             return False, f"kafka producer not connected ({self.last_error or 'starting'})"
+        if not self._known_topics:
+            return False, f"no topic metadata from Kafka yet ({self.last_error or 'starting'})"
         if self._in_flight >= self.cfg.max_in_flight:
             return False, "kafka backlog at max_in_flight"
-        if self.last_failure_at and (self.last_ack_at or 0) < self.last_failure_at:
+        failed_at = self.last_failure_at
+        if (
+            failed_at
+            and (self.last_ack_at or 0) < failed_at
+            and time.monotonic() - failed_at < self.cfg.retry_after_s
+        ):
             return False, f"last publish failed: {self.last_error}"
         return True, "ok"
 
@@ -204,7 +223,7 @@ class KafkaSink:
         self.last_ack_at = time.monotonic()
         return result
 
-    def _fail(self, reason: str, message: str) -> Any:
+    def _fail(self, reason: str, message: str) -> NoReturn:
         self.metrics.publish_failures.labels(reason).inc()
         self.last_error = message
         self.last_failure_at = time.monotonic()
@@ -220,10 +239,8 @@ class KafkaSink:
         self._done.append((fut, value, ok))
         if not self._wake_pending and self._loop is not None:
             self._wake_pending = True
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
                 self._loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # loop closed during shutdown
-                pass
 
     def _drain(self) -> None:
         self._wake_pending = False
@@ -235,6 +252,8 @@ class KafkaSink:
             if ok:
                 fut.set_result(PublishResult(value.topic, value.partition, value.offset))
             else:
-                fut.set_exception(value if isinstance(value, BaseException) else KafkaError(str(value)))
+                fut.set_exception(
+                    value if isinstance(value, BaseException) else KafkaError(str(value))
+                )
                 # mark it retrieved: if the request already timed out, nobody awaits it anymore
                 fut.exception()

@@ -7,9 +7,9 @@ as it passes the limit.
 
 from __future__ import annotations
 
-import orjson
 from collections.abc import Callable
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["BodyLimitMiddleware", "BodyTooLarge"]

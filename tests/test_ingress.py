@@ -1,0 +1,486 @@
+"""The ingress end to end: a real uvicorn server on loopback, the real (mock-cluster) broker."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka_event
+
+from gateway import samples
+from gateway.config import Config
+from gateway.embedded_broker import EmbeddedBroker
+from gateway.kinds import KNOWN_KINDS
+from gateway.records import header
+
+from .conftest import read_topic, unique
+from .ingress_helpers import (
+    EU_WEST4,
+    EU_WEST4_V6,
+    ROTATED,
+    SECRET,
+    gateway_config,
+    post,
+    running_gateway,
+)
+
+ES = "/v1/onesignal/events"
+WEB = "/v1/onesignal/web-push"
+JOURNEY = "/v1/onesignal/journey"
+MESSAGE_KINDS = sorted(
+    k
+    for k in KNOWN_KINDS
+    if k.startswith("message.") and k not in ("message.push.displayed", "message.push.dismissed")
+)
+CHANNELS = ("push", "email", "sms", "iam", "live_activity", "journey")
+
+
+class Env:
+    def __init__(self, broker: EmbeddedBroker, prefix: str, config: Config, url: str, metrics: Any):
+        self.broker = broker
+        self.prefix = prefix
+        self.config = config
+        self.url = url
+        self.metrics = metrics
+        self.client = httpx.Client(base_url=url, timeout=30)
+
+    def records(self, channel: str, expect: int | None = None) -> list[Any]:
+        return read_topic(self.broker.bootstrap_servers, f"{self.prefix}.{channel}", expect=expect)
+
+    def dead_letters(self, expect: int | None = None) -> list[Any]:
+        return read_topic(self.broker.bootstrap_servers, f"{self.prefix}.dlt", expect=expect)
+
+    def all_ids(self) -> list[str]:
+        ids = []
+        for channel in CHANNELS:
+            for rec in self.records(channel):
+                ids.append(header(rec.headers, "ce_id"))
+        return ids
+
+
+@pytest.fixture(scope="module")
+def env(broker: EmbeddedBroker) -> Iterator[Env]:
+    prefix = unique("ing")
+    config = gateway_config(broker.bootstrap_servers, prefix)
+    with running_gateway(config) as (url, metrics):
+        e = Env(broker, prefix, config, url, metrics)
+        yield e
+        e.client.close()
+
+
+def _ce(rec: Any) -> Any:
+    headers = {k: v for k, v in rec.headers}
+    return from_kafka_event(KafkaMessage(headers=headers, key=rec.key, value=rec.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# every kind, every layout
+
+
+@pytest.mark.parametrize("layout", samples.LAYOUTS)
+def test_every_kind_in_every_layout_lands_as_a_valid_cloudevent(env: Env, layout: str) -> None:
+    sent: dict[str, str] = {}
+    for kind in MESSAGE_KINDS:
+        event_id = str(uuid.uuid4())
+        payload = samples.event_stream_payload(kind, layout=layout, event_id=event_id)
+        r = post(env.client, ES, payload)
+        assert r.status_code == 200, (kind, r.text)
+        body = r.json()
+        assert body["status"] == "accepted" and body["id"] == event_id
+        channel = kind.split(".")[1]
+        assert body["topic"] == f"{env.prefix}.{channel}"
+        sent[event_id] = kind
+
+    found: dict[str, Any] = {}
+    for channel in ("push", "email", "sms", "iam", "live_activity"):
+        for rec in env.records(channel):
+            found[header(rec.headers, "ce_id") or ""] = rec
+    for event_id, kind in sent.items():
+        rec = found[event_id]
+        ce = _ce(rec)  # an SDK that is not ours must read it
+        assert ce.get_type() == f"com.onesignal.{kind}"
+        assert ce.get_id() == event_id
+        assert ce.get_source() == f"onesignal:app/{samples.DEMO_APP_ID}"
+        assert ce.get_time() is not None
+        value = orjson.loads(rec.value)
+        assert value["kind"] == kind
+        assert value["app_id"] == samples.DEMO_APP_ID
+        assert value["received"]["client_ip"] == EU_WEST4
+        assert value["received"]["source"] == "event-stream"
+        assert value["raw"]  # the payload as received is kept
+        assert rec.key == ce.get_subject().encode()
+        assert value["user"].get("external_id") == "user-42"
+
+
+def test_legacy_kind_spellings_are_published_under_todays_names(env: Env) -> None:
+    legacy = {
+        "message.iam.displayed": "message.iam.impression",
+        "message.iam.pagedisplayed": "message.iam.page_displayed",
+        "message.email.hardbounced": "message.email.bounced",
+        "message.email.supressed": "message.email.suppressed",
+        "message.email.resporedasspam": "message.email.reported_as_spam",
+        "message.push receivedp": "message.push.received",
+    }
+    ids = {}
+    for old, new in legacy.items():
+        event_id = str(uuid.uuid4())
+        payload = samples.event_stream_payload(new, layout="flat-dotted", event_id=event_id)
+        payload["event.kind"] = old
+        r = post(env.client, ES, payload)
+        assert r.status_code == 200, r.text
+        ids[event_id] = new
+    got = {}
+    for channel in ("push", "email", "iam"):
+        for rec in env.records(channel):
+            got[header(rec.headers, "ce_id")] = header(rec.headers, "ce_type")
+    for event_id, new in ids.items():
+        assert got[event_id] == f"com.onesignal.{new}"
+
+
+def test_structured_mode_is_read_by_the_cloudevents_sdk(broker: EmbeddedBroker) -> None:
+    prefix = unique("struct")
+    config = gateway_config(broker.bootstrap_servers, prefix, kafka={"content_mode": "structured"})
+    with running_gateway(config) as (url, _), httpx.Client(base_url=url) as client:
+        event_id = str(uuid.uuid4())
+        r = post(
+            client, ES, samples.event_stream_payload("message.email.opened", event_id=event_id)
+        )
+        assert r.status_code == 200
+        (rec,) = read_topic(broker.bootstrap_servers, f"{prefix}.email", expect=1)
+        assert header(rec.headers, "content-type") == "application/cloudevents+json"
+        ce = _ce(rec)
+        assert ce.get_id() == event_id
+        assert ce.get_type() == "com.onesignal.message.email.opened"
+        assert ce.get_data()["kind"] == "message.email.opened"
+
+
+# ---------------------------------------------------------------------------------------------
+# web push and journeys
+
+
+@pytest.mark.parametrize(
+    ("version", "event", "kind"),
+    [
+        ("v16", "notification.willDisplay", "message.push.displayed"),
+        ("v16", "notification.clicked", "message.push.clicked"),
+        ("v16", "notification.dismissed", "message.push.dismissed"),
+        ("v15", "notification.displayed", "message.push.displayed"),
+        ("v15", "notification.clicked", "message.push.clicked"),
+        ("v15", "notification.dismissed", "message.push.dismissed"),
+    ],
+)
+def test_web_push_payloads_from_browsers(env: Env, version: str, event: str, kind: str) -> None:
+    builder = samples.web_push_v16_payload if version == "v16" else samples.web_push_v15_payload
+    payload = builder(event)
+    payload["content"] = f"unique {uuid.uuid4()}"  # a fresh content hash, so not a duplicate
+    # a browser: no secret, no forwarding header, a loopback (non-allowlisted) address,
+    # the no-cors text/plain content type
+    r = post(
+        env.client,
+        WEB,
+        payload,
+        secret=None,
+        xff=None,
+        content_type="text/plain;charset=UTF-8",
+        headers=[("origin", "https://shop.example")],
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == "https://shop.example"
+    event_id = r.json()["id"]
+    rec = next(x for x in env.records("push") if header(x.headers, "ce_id") == event_id)
+    value = orjson.loads(rec.value)
+    assert value["kind"] == kind
+    assert value["raw"] == payload
+    assert header(rec.headers, "ce_source") == "onesignal:app/11111111-2222-3333-4444-555555555555"
+
+
+def test_web_push_cors_preflight(env: Env) -> None:
+    r = env.client.options(
+        WEB,
+        headers={
+            "origin": "https://shop.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type, x-onesignal-event",
+        },
+    )
+    assert r.status_code == 204
+    assert r.headers["access-control-allow-origin"] == "https://shop.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "x-onesignal-event" in r.headers["access-control-allow-headers"]
+    other = env.client.options(WEB, headers={"origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_journey_json_and_plain_text(env: Env) -> None:
+    payload = samples.journey_payload()
+    r = post(env.client, JOURNEY, payload)
+    assert r.status_code == 200, r.text
+    event_id = r.json()["id"]
+    rec = next(x for x in env.records("journey") if header(x.headers, "ce_id") == event_id)
+    assert orjson.loads(rec.value)["kind"] == "journey.webhook"
+
+    marker = f"user reached step {uuid.uuid4()}"
+    r = post(env.client, JOURNEY, content=marker.encode(), content_type="text/plain")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "dead-lettered" and r.json()["reason"] == "not-json"
+    dl = [x for x in env.dead_letters() if x.value == marker.encode()]
+    assert len(dl) == 1
+    assert header(dl[0].headers, "dlq_reason") == "not-json"
+    assert header(dl[0].headers, "dlq_source") == "journey"
+
+
+def test_payload_without_kind_is_dead_lettered_with_its_bytes(env: Env) -> None:
+    body = orjson.dumps({"hello": str(uuid.uuid4())})
+    r = post(env.client, ES, content=body)
+    assert r.status_code == 200
+    assert r.json()["reason"] == "no-kind"
+    dl = [x for x in env.dead_letters() if x.value == body]
+    assert len(dl) == 1 and header(dl[0].headers, "dlq_client_ip") == EU_WEST4
+
+
+def test_unknown_kinds_pass_through_or_dead_letter_as_configured(
+    env: Env, broker: EmbeddedBroker
+) -> None:
+    event_id = str(uuid.uuid4())
+    payload = samples.event_stream_payload(
+        "message.push.sent", layout="flat-dotted", event_id=event_id
+    )
+    payload["event.kind"] = "message.push.teleported"
+    r = post(env.client, ES, payload)
+    assert r.status_code == 200 and r.json()["status"] == "accepted"
+
+    prefix = unique("unk")
+    config = gateway_config(
+        broker.bootstrap_servers, prefix, kafka={"unknown_kinds": "dead-letter"}
+    )
+    with running_gateway(config) as (url, _), httpx.Client(base_url=url) as client:
+        r = post(client, ES, payload)
+        assert r.status_code == 200 and r.json()["reason"] == "unknown-kind"
+        assert len(read_topic(broker.bootstrap_servers, f"{prefix}.dlt", expect=1)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# trust: client address and secrets
+
+
+def _fresh(kind: str = "message.sms.sent") -> tuple[str, dict[str, Any]]:
+    event_id = str(uuid.uuid4())
+    return event_id, samples.event_stream_payload(kind, event_id=event_id)
+
+
+@pytest.mark.parametrize(
+    ("xff", "headers", "expected"),
+    [
+        (EU_WEST4, [], 200),
+        (EU_WEST4_V6, [], 200),
+        (f"::ffff:{EU_WEST4}", [], 200),
+        (f"{EU_WEST4}:443", [], 200),
+        # the attacker writes an allowlisted address; the LB appends the real one on the right
+        (f"{EU_WEST4}, 203.0.113.7", [], 403),
+        (f"{EU_WEST4}, 2001:db8::7", [], 403),
+        # two header lines: the later line is the nearer hop and must not be skipped
+        (EU_WEST4, [("x-forwarded-for", "203.0.113.7")], 403),
+        ("garbage", [], 403),
+        (None, [], 403),  # the peer itself (127.0.0.1) is not an allowed sender
+        # a Forwarded header is ignored: the proxies here write X-Forwarded-For
+        (None, [("forwarded", f"for={EU_WEST4}")], 403),
+        ("203.0.113.7", [], 403),
+    ],
+)
+def test_client_address_through_trusted_proxy(
+    env: Env, xff: str | None, headers: list[tuple[str, str]], expected: int
+) -> None:
+    event_id, payload = _fresh()
+    r = post(env.client, ES, payload, xff=xff, headers=headers)
+    assert r.status_code == expected, r.text
+    if expected == 403:
+        assert r.json() == {
+            "error": "forbidden",
+            "message": "sender address is not allowed (ip-not-allowed)",
+        }
+        assert event_id not in env.all_ids()
+
+
+def test_forwarding_headers_from_an_untrusted_peer_are_ignored(broker: EmbeddedBroker) -> None:
+    prefix = unique("untrusted")
+    config = gateway_config(
+        broker.bootstrap_servers, prefix, server={"trusted_proxies": ["10.9.8.7/32"]}
+    )
+    with running_gateway(config) as (url, _), httpx.Client(base_url=url) as client:
+        _, payload = _fresh()
+        r = post(client, ES, payload, xff=EU_WEST4)
+        assert r.status_code == 403
+        r = post(client, ES, payload, xff=None, headers=[("forwarded", f'for="{EU_WEST4}"')])
+        assert r.status_code == 403
+
+
+def test_ipv6_peer_and_rfc7239_forwarded(broker: EmbeddedBroker) -> None:
+    prefix = unique("v6")
+    config = gateway_config(broker.bootstrap_servers, prefix, server={"proxy_header": "forwarded"})
+    with running_gateway(config, host="::1") as (url, _), httpx.Client(base_url=url) as client:
+        assert url.startswith("http://[::1]:")
+        _, payload = _fresh()
+        r = post(
+            client,
+            ES,
+            payload,
+            xff=None,
+            headers=[("forwarded", f'for="[{EU_WEST4_V6}]:4711";proto=https')],
+        )
+        assert r.status_code == 200, r.text
+        (rec,) = read_topic(broker.bootstrap_servers, f"{prefix}.sms", expect=1)
+        assert orjson.loads(rec.value)["received"]["client_ip"] == EU_WEST4_V6
+        # X-Forwarded-For is not the configured header here: ignored, the peer ::1 is not allowed
+        r = post(client, ES, _fresh()[1], xff=EU_WEST4)
+        assert r.status_code == 403
+        r = post(
+            client,
+            ES,
+            _fresh()[1],
+            xff=None,
+            headers=[("forwarded", f"for={EU_WEST4}, for=_hidden")],
+        )
+        assert r.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([], "secret-missing"),
+        ([("authorization", "Bearer not-the-secret")], "secret-invalid"),
+        ([("authorization", SECRET[:-1])], "secret-invalid"),
+        ([("authorization", SECRET + "x")], "secret-invalid"),
+        (
+            [("authorization", f"Bearer {SECRET}"), ("authorization", f"Bearer {SECRET}")],
+            "secret-repeated",
+        ),
+    ],
+)
+def test_wrong_or_missing_secret_is_refused_and_never_echoed(
+    env: Env, headers: list[tuple[str, str]], reason: str
+) -> None:
+    event_id, payload = _fresh()
+    r = post(env.client, ES, payload, secret=None, headers=headers)
+    assert r.status_code == 403
+    assert r.json()["message"] == f"shared secret check failed ({reason})"
+    assert SECRET not in r.text and ROTATED not in r.text
+    assert event_id not in env.all_ids()
+
+
+@pytest.mark.parametrize("value", [SECRET, ROTATED, f"Bearer {SECRET}", f"bearer {ROTATED}"])
+def test_every_configured_secret_is_accepted(env: Env, value: str) -> None:
+    _, payload = _fresh()
+    r = post(env.client, ES, payload, secret=None, headers=[("authorization", value)])
+    assert r.status_code == 200, r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# duplicates
+
+
+def test_duplicate_event_id_is_answered_2xx_and_published_once(env: Env) -> None:
+    event_id, payload = _fresh("message.email.clicked")
+    first = post(env.client, ES, payload)
+    second = post(env.client, ES, payload)
+    assert first.json()["status"] == "accepted"
+    assert second.status_code == 200 and second.json() == {"status": "duplicate", "id": event_id}
+    assert env.all_ids().count(event_id) == 1
+
+
+def test_concurrent_duplicates_publish_once(env: Env) -> None:
+    event_id, payload = _fresh("message.push.clicked")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda _: post(env.client, ES, payload).json()["status"], range(16))
+        )
+    assert results.count("accepted") == 1
+    assert env.all_ids().count(event_id) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear 4xx, never 5xx, nothing written
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "code"),
+    [
+        (b'{"event.kind": ', "application/json", 400, "invalid-json"),
+        (b"", "application/json", 400, "empty-body"),
+        (b"[" * 200 + b"]" * 200, "application/json", 400, "too-deep"),
+        (b"[" * 5000 + b"]" * 5000, "application/json", 400, "too-deep"),
+        (
+            b'{"event.kind": "message.push.sent", "x": "\xff\xfe"}',
+            "application/json",
+            400,
+            "invalid-utf8",
+        ),
+        (b'{"a": "\\ud800"}', "application/json", 400, "invalid-utf8"),
+        (b'{"a": 1e999}', "application/json", 400, "invalid-json"),
+        (
+            b"event.kind=message.push.sent",
+            "application/x-www-form-urlencoded",
+            415,
+            "unsupported-media-type",
+        ),
+        (b'{"a": 1}', "application/json; charset=latin-1", 415, "unsupported-charset"),
+        (b"not json at all", "text/plain", 400, "invalid-json"),
+    ],
+)
+def test_bad_bodies_get_a_clear_4xx(
+    env: Env, content: bytes, content_type: str, status: int, code: str
+) -> None:
+    r = post(env.client, ES, content=content, content_type=content_type)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code
+    assert r.json()["message"]
+
+
+def test_oversized_bodies_get_413_declared_or_chunked(env: Env) -> None:
+    big = b'{"a": "' + b"x" * 70_000 + b'"}'
+    r = post(env.client, ES, content=big)
+    assert r.status_code == 413 and r.json()["error"] == "too-large"
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 1000
+
+    r = env.client.post(
+        ES,
+        content=chunks(),
+        headers={
+            "authorization": f"Bearer {SECRET}",
+            "x-forwarded-for": EU_WEST4,
+            "content-type": "application/json",
+        },
+    )
+    assert r.status_code == 413
+
+
+def test_wrong_methods_are_refused(env: Env) -> None:
+    r = env.client.get(ES, headers={"x-forwarded-for": EU_WEST4})
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    r = env.client.delete(ES)
+    assert r.status_code == 405
+
+
+# ---------------------------------------------------------------------------------------------
+# operations routes
+
+
+def test_health_ready_metrics_openapi(env: Env) -> None:
+    assert env.client.get("/healthz").json() == {"status": "alive"}
+    ready = env.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["allowlist"]["ranges"] >= 17
+    text = env.client.get("/metrics").text
+    assert 'gateway_requests_total{outcome="accepted",source="event-stream"}' in text
+    assert 'gateway_requests_total{outcome="forbidden_secret",source="event-stream"}' in text
+    assert "gateway_publish_seconds_bucket" in text
+    assert SECRET not in text
+    doc = env.client.get("/openapi.json").json()
+    assert set(doc["paths"]) == {ES, WEB, JOURNEY}
+    assert doc["components"]["securitySchemes"]["event-stream_secret"]["name"] == "authorization"

@@ -1,0 +1,131 @@
+"""Kafka away: bounded 503s with Retry-After, no hang, no lost acknowledgement, quick recovery."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import uuid
+
+import httpx
+
+from gateway import samples
+from gateway.embedded_broker import EmbeddedBroker
+from gateway.records import header
+
+from .conftest import read_topic, unique
+from .ingress_helpers import gateway_config, post, running_gateway
+
+ES = "/v1/onesignal/events"
+
+
+def _payload(event_id: str) -> dict[str, object]:
+    return samples.event_stream_payload("message.push.clicked", event_id=event_id)
+
+
+def test_frozen_broker_gives_bounded_503_then_retry_is_published(
+    fresh_broker: EmbeddedBroker,
+) -> None:
+    prefix = unique("outage")
+    config = gateway_config(
+        fresh_broker.bootstrap_servers,
+        prefix,
+        kafka={
+            "ack_timeout_s": 1.0,
+            "retry_after_s": 7,
+            "request_timeout_ms": 3000,
+            "delivery_timeout_ms": 6000,
+        },
+    )
+    with (
+        running_gateway(config) as (url, _),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        warm = str(uuid.uuid4())
+        assert post(client, ES, _payload(warm)).status_code == 200
+
+        fresh_broker.pause()
+        try:
+            event_id = str(uuid.uuid4())
+            started = time.monotonic()
+            r = post(client, ES, _payload(event_id))
+            elapsed = time.monotonic() - started
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "7"
+            assert r.json()["error"] == "unavailable"
+            assert elapsed < 1.0 + 1.5, f"503 took {elapsed:.2f}s, bound is ack_timeout_s=1.0"
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+        finally:
+            fresh_broker.resume()
+
+        # OneSignal retries the same event: it must be published (a 503 did not mark it seen),
+        # and it may already be there from the first attempt (a benign duplicate, never a loss)
+        deadline = time.monotonic() + 30
+        while True:
+            r = post(client, ES, _payload(event_id))
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
+        ids = [
+            header(rec.headers, "ce_id")
+            for rec in read_topic(fresh_broker.bootstrap_servers, f"{prefix}.push")
+        ]
+        assert event_id in ids and warm in ids
+        assert 'gateway_publish_failures_total{reason="timeout"}' in client.get("/metrics").text
+
+
+def test_backlog_cap_answers_503_at_once(fresh_broker: EmbeddedBroker) -> None:
+    prefix = unique("cap")
+    config = gateway_config(
+        fresh_broker.bootstrap_servers,
+        prefix,
+        kafka={
+            "ack_timeout_s": 2.0,
+            "max_in_flight": 4,
+            "request_timeout_ms": 3000,
+            "delivery_timeout_ms": 8000,
+        },
+    )
+    with running_gateway(config) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        assert post(client, ES, _payload(str(uuid.uuid4()))).status_code == 200
+        fresh_broker.pause()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                held = [
+                    pool.submit(post, client, ES, _payload(str(uuid.uuid4()))) for _ in range(4)
+                ]
+                time.sleep(0.5)  # the four fill the cap while the broker is frozen
+                started = time.monotonic()
+                r = post(client, ES, _payload(str(uuid.uuid4())))
+                assert r.status_code == 503
+                assert time.monotonic() - started < 0.5, "a full backlog must refuse at once"
+                assert all(f.result().status_code == 503 for f in held)
+            metrics = client.get("/metrics").text
+            assert 'gateway_publish_failures_total{reason="backpressure"}' in metrics
+        finally:
+            fresh_broker.resume()
+        # once the broker is back and the stuck records resolve, service resumes
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if post(client, ES, _payload(str(uuid.uuid4()))).status_code == 200:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError("service did not resume within 30 s of the broker's return")
+
+
+def test_unreachable_broker_at_start_is_not_ready_and_answers_503() -> None:
+    # nothing listens on this port: the producer cannot be made, /readyz says so, posts get 503
+    prefix = unique("nobroker")
+    config = gateway_config("127.0.0.1:1", prefix, kafka={"ack_timeout_s": 1.0})
+    from gateway.app import create_app
+    from gateway.metrics import IngressMetrics
+    from gateway.server import ServerThread
+
+    app = create_app(config, metrics=IngressMetrics(process=False))
+    with ServerThread(app, config).running() as server, httpx.Client(base_url=server.url) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "not-ready"
+        r = post(client, ES, _payload(str(uuid.uuid4())))
+        assert r.status_code == 503 and "retry-after" in r.headers
