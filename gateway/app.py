@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -230,6 +232,11 @@ class _SourceRoute:
             )
         except NormalizationError as exc:
             return await self._dead_letter(exc.reason, str(exc), body, content_type, received)
+        if source.format == "web-push" and not event.subscription.get("id"):
+            # The SDK sends no event id and, without CORS, no subscription id: two people
+            # clicking one notification send identical bytes. A content hash would merge them
+            # into one event, so each such request gets an id of its own (the SDK never retries).
+            event = dataclasses.replace(event, id=str(uuid.uuid4()), id_from_payload=False)
         if (
             event.kind not in kinds.KNOWN_KINDS
             and self.gw.config.kafka.unknown_kinds == "dead-letter"

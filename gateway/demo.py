@@ -36,7 +36,7 @@ CONFIG = """
 host = "127.0.0.1"
 port = {port}
 trusted_proxies = ["127.0.0.1/32"]
-log_level = "warning"
+log_level = "error"
 
 [kafka]
 bootstrap_servers = "{bootstrap}"
@@ -103,7 +103,7 @@ def _line(label: str, r: httpx.Response) -> str:
     detail = body.get("status") or body.get("error", "")
     if body.get("message") and r.status_code >= 400:
         detail += f": {body['message']}"
-    return f"  {label:<44} {r.status_code}  {detail:<14} {where}"
+    return f"  {label:<52} {r.status_code}  {detail:<14} {where}".rstrip()
 
 
 async def _post(client: httpx.AsyncClient, path: str, payload: Any, **kw: Any) -> httpx.Response:

@@ -484,3 +484,18 @@ def test_health_ready_metrics_openapi(env: Env) -> None:
     doc = env.client.get("/openapi.json").json()
     assert set(doc["paths"]) == {ES, WEB, JOURNEY}
     assert doc["components"]["securitySchemes"]["event-stream_secret"]["name"] == "authorization"
+
+
+def test_identical_web_push_payloads_without_subscription_are_two_events(env: Env) -> None:
+    payload = samples.web_push_v16_payload("notification.clicked")
+    payload.pop("subscriptionId", None)
+    payload["content"] = f"same bytes {uuid.uuid4()}"
+    first = post(env.client, WEB, payload, secret=None, xff=None, content_type="text/plain")
+    second = post(env.client, WEB, payload, secret=None, xff=None, content_type="text/plain")
+    assert first.json()["status"] == second.json()["status"] == "accepted"
+    assert first.json()["id"] != second.json()["id"]
+    # with a subscription id, an identical payload is the same event fired twice
+    payload["subscriptionId"] = str(uuid.uuid4())
+    first = post(env.client, WEB, payload, secret=None, xff=None, content_type="text/plain")
+    second = post(env.client, WEB, payload, secret=None, xff=None, content_type="text/plain")
+    assert (first.json()["status"], second.json()["status"]) == ("accepted", "duplicate")
