@@ -1,0 +1,154 @@
+"""Config: every error names its key; the example file documents every key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import (
+    AllowlistConfig,
+    ConfigError,
+    DedupeConfig,
+    KafkaConfig,
+    OneSignalConfig,
+    Secret,
+    ServerConfig,
+    TagSyncConfig,
+    load_config,
+    parse_config,
+)
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.toml"
+ENV = {
+    "GATEWAY_EVENT_STREAM_SECRETS": "one-secret-value, two-secret-value",
+    "GATEWAY_JOURNEY_SECRETS": "journey-secret-value",
+    "ONESIGNAL_APP_API_KEY": "os_v2_app_key_value",
+}
+
+
+def test_example_config_loads_and_matches_the_defaults() -> None:
+    cfg = load_config(EXAMPLE, env=ENV)
+    assert cfg.server == ServerConfig()
+    assert cfg.allowlist == AllowlistConfig()
+    assert cfg.kafka == KafkaConfig()
+    assert cfg.dedupe == DedupeConfig()
+    assert [s.name for s in cfg.sources] == ["event-stream", "journey", "web-push"]
+    assert cfg.sources[0].secrets == (Secret("one-secret-value"), Secret("two-secret-value"))
+    assert cfg.sources[2].require_secret is False and cfg.sources[2].require_allowlisted_ip is False
+    assert cfg.onesignal.apps[0].api_key == Secret("os_v2_app_key_value")
+    assert dataclasses.replace(cfg.tag_sync, rules=()) == TagSyncConfig()
+    assert len(cfg.tag_sync.rules) == 2
+
+
+def test_example_config_documents_every_key() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    text = EXAMPLE.read_text()
+    for section, cls in [
+        ("server", ServerConfig),
+        ("allowlist", AllowlistConfig),
+        ("kafka", KafkaConfig),
+        ("dedupe", DedupeConfig),
+        ("onesignal", OneSignalConfig),
+        ("tag_sync", TagSyncConfig),
+    ]:
+        for f in dataclasses.fields(cls):
+            name = {"sasl_password": "sasl_password_env", "apps": None, "rules": None}.get(
+                f.name, f.name
+            )
+            if name is None:
+                continue
+            assert name in data[section], f"[{section}] {name} is not in the example config"
+    for key in (
+        "secret_header",
+        "secrets_env",
+        "require_secret",
+        "require_allowlisted_ip",
+        "app_id",
+        "cors_origins",
+        "mapping",
+    ):
+        assert re.search(rf"^{key} = ", text, re.M), key
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "key"),
+    [
+        ({"server": {"port": "80"}}, {}, "server.port"),
+        ({"server": {"trusted_proxies": ["10.0.0.0/33"]}}, {}, "server.trusted_proxies[0]"),
+        ({"server": {"trusted_proxies": ["127.1"]}}, {}, "server.trusted_proxies[0]"),
+        ({"server": {"proxy_header": "x-real-ip"}}, {}, "server.proxy_header"),
+        ({"server": {"colour": "blue"}}, {}, "server.colour"),
+        ({"kafka": {"topic": "onesignal.{kind}"}}, {}, "kafka.topic"),
+        ({"kafka": {"topic": "bad topic/{channel}"}}, {}, "kafka.topic"),
+        ({"kafka": {"api_version": "two"}}, {}, "kafka.api_version"),
+        ({"kafka": {"delivery_timeout_ms": 1000}}, {}, "kafka.delivery_timeout_ms"),
+        ({"kafka": {"content_mode": "batched"}}, {}, "kafka.content_mode"),
+        ({"allowlist": {"extra_cidrs": ["nope"]}}, {}, "allowlist.extra_cidrs[0]"),
+        ({"allowlist": {"refresh_interval_s": 3600}}, {}, "allowlist.refresh_url"),
+        ({"sources": [{"name": "a", "path": "/a", "format": "sns"}]}, {}, "sources[0].format"),
+        (
+            {"sources": [{"name": "a", "path": "/a", "secrets_env": "X"}]},
+            {},
+            "sources[0].secrets_env",
+        ),
+        ({"sources": [{"name": "a", "path": "/a"}]}, {}, "sources[0].secrets_env"),
+        (
+            {"sources": [{"name": "a", "path": "/metrics", "secrets_env": "X"}]},
+            {"X": "s"},
+            "sources[0].path",
+        ),
+        (
+            {
+                "sources": [
+                    {
+                        "name": "a",
+                        "path": "/a",
+                        "secrets_env": "X",
+                        "mapping": {"kind": "event.kind"},
+                    }
+                ]
+            },
+            {"X": "s"},
+            "sources[0].mapping.kind",
+        ),
+        (
+            {
+                "sources": [
+                    {"name": "a", "path": "/a", "secrets_env": "X", "mapping": {"colour": "/c"}}
+                ]
+            },
+            {"X": "s"},
+            "sources[0].mapping.colour",
+        ),
+        ({"tag_sync": {"rules": [{"kinds": []}]}}, {}, "tag_sync.rules[0].kinds"),
+        ({"tag_sync": {"max_keys_per_request": 150}}, {}, "tag_sync.max_keys_per_request"),
+        ({"onesignal": {"api_url": "api.onesignal.com"}}, {}, "onesignal.api_url"),
+    ],
+)
+def test_errors_name_the_key(data: dict[str, Any], env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env=env)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+
+
+def test_secrets_never_print() -> None:
+    cfg = parse_config(
+        {"sources": [{"name": "a", "path": "/a", "secrets_env": "X"}]}, env={"X": "hunter2-hunter2"}
+    )
+    assert "hunter2" not in repr(cfg) and "hunter2" not in str(cfg.sources[0])
+    assert cfg.sources[0].secrets[0].reveal() == "hunter2-hunter2"
+
+
+def test_load_config_reports_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,76 @@
+"""Secrets never reach logs, metrics or error bodies."""
+
+from __future__ import annotations
+
+import io
+import logging
+import uuid
+
+import httpx
+
+from gateway import samples
+from gateway.embedded_broker import EmbeddedBroker
+from gateway.logs import JsonFormatter, register_secrets
+
+from .conftest import unique
+from .ingress_helpers import ROTATED, SECRET, gateway_config, post, running_gateway
+
+
+def test_formatter_scrubs_registered_secrets_everywhere() -> None:
+    register_secrets(["a-very-secret-value"])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("test.scrub")
+    log.addHandler(handler)
+    try:
+        log.warning(
+            "value=%s", "a-very-secret-value", extra={"nested": {"k": ["a-very-secret-value"]}}
+        )
+        try:
+            raise RuntimeError("boom a-very-secret-value")
+        except RuntimeError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    out = stream.getvalue()
+    assert "a-very-secret-value" not in out
+    assert out.count("***") >= 4
+
+
+def test_secrets_absent_from_server_logs_metrics_and_errors(broker: EmbeddedBroker) -> None:
+    register_secrets([SECRET, ROTATED])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        config = gateway_config(broker.bootstrap_servers, unique("logs"))
+        with running_gateway(config) as (url, _), httpx.Client(base_url=url) as client:
+            texts = []
+            payload = samples.event_stream_payload("message.push.sent", event_id=str(uuid.uuid4()))
+            for value in (SECRET[:-1], SECRET + "0", f"Bearer {ROTATED[:-2]}"):
+                r = post(
+                    client,
+                    "/v1/onesignal/events",
+                    payload,
+                    secret=None,
+                    headers=[("authorization", value)],
+                )
+                assert r.status_code == 403
+                texts.append(r.text)
+            r = post(client, "/v1/onesignal/events", payload)
+            assert r.status_code == 200
+            texts.append(client.get("/metrics").text)
+            texts.append(client.get("/openapi.json").text)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    texts.append(stream.getvalue())
+    assert "refused" in stream.getvalue()  # the refusals were logged...
+    for text in texts:
+        assert SECRET not in text and ROTATED not in text  # ...without the secrets
+        assert SECRET[:-1] not in text  # nor a near-miss someone sent
