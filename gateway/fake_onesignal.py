@@ -29,7 +29,7 @@ from urllib.parse import unquote
 import orjson
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -137,6 +137,7 @@ class FakeOneSignal:
         self._last_ok: dict[tuple[str, str, str], float] = {}
         self._app_ok: dict[str, deque[float]] = {}
         self._faults: list[Fault] = []
+        self.disconnects = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
@@ -262,7 +263,11 @@ class FakeOneSignal:
         # From the raw path: a "/" inside an id must arrive encoded (%2F), as OneSignal needs.
         raw_path = request.scope.get("raw_path", b"").decode("latin-1").split("?")[0]
         segments = [unquote(s) for s in raw_path.split("/")]
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client died mid-request (kill -9): nothing arrived
+            self.disconnects += 1
+            return Response(status_code=499)
         if len(segments) != 7:
             with self._lock:
                 self._log.append(

@@ -11,31 +11,28 @@ answered with 429 and ``Retry-After``. We keep below both:
   whole app after a 429/5xx and a multiplicative slow-down that recovers on success;
 - :class:`UserLimiter`: at least ``interval`` between two requests for one user.
 
-Both add :data:`CLOCK_GUARD_S` so that network jitter between our clock and the server's
-does not make two requests look closer together there than they were here.
+Both count from when a response came back, not from when the request left: the server
+saw the request somewhere in between, so the limits hold at the server whatever the latency.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Hashable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
 __all__ = [
-    "CLOCK_GUARD_S",
     "AppLimiter",
     "Outcome",
+    "Slot",
     "UserLimiter",
     "backoff_delay",
     "classify",
     "parse_retry_after",
 ]
-
-CLOCK_GUARD_S = 0.05
 
 
 class Outcome(Enum):
@@ -84,45 +81,62 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     return rng.uniform(0.0, ceiling)
 
 
-class AppLimiter:
-    """A ceiling of ``rate`` requests/s for one app that holds over any window."""
+# A reservation: its time is +inf while the request is in flight, then the response time.
+Slot = list[float]
 
-    def __init__(
-        self, rate: float, *, guard_s: float = CLOCK_GUARD_S, min_factor: float = 0.05
-    ) -> None:
+
+class AppLimiter:
+    """A ceiling of ``rate`` requests/s for one app that holds over any window, server-side.
+
+    A slot is taken when a request starts and its time is moved to when the response came
+    (:meth:`release`). A request reaches the server between those two instants, so spacing
+    the (n+1)-th start one window after the 1st *completion* keeps the arrivals too within
+    the limit, whatever the network latency.
+    """
+
+    def __init__(self, rate: float, *, min_factor: float = 0.05) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate
         self.n = max(1, math.floor(rate))
-        self.window = self.n / rate + guard_s
+        self.window = self.n / rate
         self.min_factor = min_factor
         self.factor = 1.0
         self.blocked_until = 0.0
-        self._sent: deque[float] = deque()
+        self._last_cut = -math.inf
+        self._slots: list[list[float]] = []  # [time]; inf while the request is in flight
 
     @property
     def allowance(self) -> int:
         """Requests allowed per window right now (lower after throttling)."""
         return max(1, math.floor(self.n * self.factor))
 
-    def reserve(self, now: float) -> float:
-        """0.0 and the slot is taken, or the seconds to wait before asking again."""
+    def reserve(self, now: float) -> Slot | float:
+        """A :class:`Slot` (send now, then :meth:`release` it), or seconds to wait."""
         if now < self.blocked_until:
             return self.blocked_until - now
-        while self._sent and self._sent[0] <= now - self.window:
-            self._sent.popleft()
+        self._slots = [s for s in self._slots if s[0] > now - self.window]
         allowance = self.allowance
-        if len(self._sent) < allowance:
-            self._sent.append(now)
-            return 0.0
-        # The (len - allowance + 1)-th oldest must leave the window first.
-        oldest = self._sent[len(self._sent) - allowance]
-        return max(1e-3, oldest + self.window - now)
+        if len(self._slots) < allowance:
+            slot: Slot = [math.inf]
+            self._slots.append(slot)
+            return slot
+        # The (len - allowance + 1)-th earliest must leave the window first.
+        times = sorted(s[0] for s in self._slots)
+        free_at = times[len(times) - allowance] + self.window
+        # In flight (inf): look again soon; release() comes with the response.
+        return max(1e-3, min(free_at - now, 0.05) if math.isinf(free_at) else free_at - now)
+
+    def release(self, slot: Slot, now: float) -> None:
+        """The response for ``slot`` came at ``now``."""
+        slot[0] = now
 
     def throttle(self, now: float, pause_s: float) -> None:
         """OneSignal pushed back (429/5xx/timeout): pause the whole app and slow down."""
         self.blocked_until = max(self.blocked_until, now + pause_s)
-        self.factor = max(self.min_factor, self.factor / 2)
+        if now - self._last_cut >= self.window:  # one cut per window, not per failed request
+            self._last_cut = now
+            self.factor = max(self.min_factor, self.factor / 2)
 
     def success(self) -> None:
         """Recover the rate gradually (additive increase)."""
@@ -131,10 +145,11 @@ class AppLimiter:
 
 
 class UserLimiter:
-    """At least ``interval`` seconds between two requests for the same user."""
+    """At least ``interval`` seconds between two requests for the same user, as the server
+    sees them: counted from the previous *response*, which came after that request arrived."""
 
-    def __init__(self, interval_s: float, *, guard_s: float = CLOCK_GUARD_S) -> None:
-        self.interval = interval_s + guard_s if interval_s > 0 else 0.0
+    def __init__(self, interval_s: float) -> None:
+        self.interval = interval_s
         self._last: dict[Hashable, float] = {}
         self._checks = 0
 
@@ -146,7 +161,8 @@ class UserLimiter:
         return max(0.0, self.ready_at(key) - now)
 
     def mark(self, key: Hashable, now: float) -> None:
-        """A request for ``key`` starts now."""
+        """The response to a request for ``key`` came at ``now`` (one request per user at a
+        time is the caller's job)."""
         self._last[key] = now
         self._checks += 1
         if self._checks % 4096 == 0:

@@ -42,7 +42,15 @@ from gateway.records import KafkaRecord, decode_record
 from . import metrics as m
 from .client import DryRunSender, OneSignalClient, Response, UpdateSender, update_body, update_url
 from .coalesce import Batch, Coalescer, OffsetTracker, SourceRef
-from .ratelimit import AppLimiter, Outcome, UserLimiter, backoff_delay, classify, parse_retry_after
+from .ratelimit import (
+    AppLimiter,
+    Outcome,
+    Slot,
+    UserLimiter,
+    backoff_delay,
+    classify,
+    parse_retry_after,
+)
 from .rules import Alias, CompiledRule, TagValue, compile_rules, derive, event_order, resolve_alias
 
 __all__ = ["DeadLetterWriter", "TagSyncWorker", "run_tag_sync"]
@@ -381,13 +389,15 @@ class Sink:
             limiter = self._apps[app_id] = AppLimiter(self.s.app_rate_limit)
         return limiter
 
-    async def _wait_turn(self, alias: Alias, app: AppLimiter) -> None:
+    async def _wait_turn(self, alias: Alias, app: AppLimiter) -> Slot:
         while True:
             now = time.monotonic()
-            wait = self._users.wait(alias, now) or app.reserve(now)
+            wait = self._users.wait(alias, now)
             if wait <= 0:
-                self._users.mark(alias, now)
-                return
+                got = app.reserve(now)
+                if not isinstance(got, float):
+                    return got
+                wait = got
             await asyncio.sleep(wait)
 
     async def _deliver(self, batch: Batch, chunk: Mapping[str, TagValue]) -> None:
@@ -400,12 +410,15 @@ class Sink:
             async with self._sem:
                 # The slot is taken before the app's window, so what the window admits is
                 # sent at once: the limit holds as the server sees it.
-                await self._wait_turn(alias, app)
+                slot = await self._wait_turn(alias, app)
                 m.IN_FLIGHT.inc()
                 try:
                     resp = await self._sender.update_user(alias, chunk)
                 finally:
                     m.IN_FLIGHT.dec()
+                    answered = time.monotonic()
+                    app.release(slot, answered)
+                    self._users.mark(alias, answered)
             attempt += 1
             m.REQUEST_SECONDS.observe(resp.elapsed_s)
             outcome = Outcome.RETRY if resp.status is None else classify(resp.status)
