@@ -540,7 +540,6 @@ def test_kill9_replays_and_sigterm_commits(
     assert min_gap_per_user(before_kill) >= 1.0
     assert min_gap_per_user(after) >= 1.0
     assert killed_at < 2 * users and lost_if_skipped  # the kill did interrupt work
-    print("STATS", killed_at, len(lost_if_skipped), len(reqs))
     assert_official_model_accepts(reqs)
     # After a clean stop a restart re-sends nothing: everything done was committed.
     assert all_committed(broker, group, topic)
