@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -231,6 +232,10 @@ class TagSyncConfig:
     dead_letter_topic: str = "onesignal.tag-sync.dead-letter"
     delete_value: str = ""
     max_poll_records: int = 500
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 2000
+    group_instance_id: str = ""
+    shutdown_timeout_s: float = 10.0
     metrics_port: int = 9102
     rules: tuple[TagRule, ...] = ()
 
@@ -588,9 +593,19 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         ),
         delete_value=ts.text("delete_value", "", ("", "null")),
         max_poll_records=ts.integer("max_poll_records", 500, minimum=1),
+        session_timeout_ms=ts.integer("session_timeout_ms", 10000, minimum=1000),
+        heartbeat_interval_ms=ts.integer("heartbeat_interval_ms", 2000, minimum=100),
+        group_instance_id=ts.text("group_instance_id", "").replace(
+            "{hostname}", socket.gethostname()
+        ),
+        shutdown_timeout_s=ts.number("shutdown_timeout_s", 10.0, minimum=0),
         metrics_port=ts.integer("metrics_port", 9102, minimum=0),
         rules=tuple(rules),
     )
+    if tag_sync.heartbeat_interval_ms * 3 > tag_sync.session_timeout_ms:
+        raise ConfigError(
+            "tag_sync.heartbeat_interval_ms", "must be at most a third of session_timeout_ms"
+        )
     if tag_sync.max_keys_per_request > 100:
         raise ConfigError("tag_sync.max_keys_per_request", "OneSignal accepts at most 100")
     ts.finish()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import random
@@ -59,11 +60,6 @@ log = logging.getLogger("gateway.tagsync.worker")
 
 COMMIT_INTERVAL_S = 0.5
 POLL_TIMEOUT_MS = 100
-DEFAULT_SHUTDOWN_S = 10.0
-# Session timeout for the group: short enough that a crashed worker's partitions move on
-# quickly, long enough for a busy 2-core machine. (Not a config key yet; see docs.)
-SESSION_TIMEOUT_MS = 10_000
-HEARTBEAT_INTERVAL_MS = 2_000
 MAX_DLT_BODY = 1000
 
 
@@ -540,13 +536,15 @@ class TagSyncWorker:
         dry_run: bool = False,
         stop: threading.Event | None = None,
         out: TextIO | None = None,
-        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_S,
+        shutdown_timeout_s: float | None = None,
     ) -> None:
         self.cfg = config
         self.ts = config.tag_sync
         self.dry_run = dry_run
         self.stop = stop or threading.Event()
-        self.shutdown_timeout_s = shutdown_timeout_s
+        self.shutdown_timeout_s = (
+            config.tag_sync.shutdown_timeout_s if shutdown_timeout_s is None else shutdown_timeout_s
+        )
         self.rules: tuple[CompiledRule, ...] = compile_rules(self.ts.rules)
         self.keys: dict[str, Secret] = {
             a.app_id: a.api_key for a in config.onesignal.apps if a.api_key is not None
@@ -602,8 +600,13 @@ class TagSyncWorker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.ts.max_poll_records,
-            session_timeout_ms=SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            session_timeout_ms=self.ts.session_timeout_ms,
+            heartbeat_interval_ms=self.ts.heartbeat_interval_ms,
+            **(
+                {"group_instance_id": self.ts.group_instance_id}
+                if self.ts.group_instance_id
+                else {}
+            ),
         )
         self.consumer.subscribe(list(self.topics), listener=_Listener(self))
         log.info(
@@ -814,13 +817,23 @@ def run_tag_sync(
     dry_run: bool = False,
     stop: threading.Event | None = None,
     out: TextIO | None = None,
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_S,
+    shutdown_timeout_s: float | None = None,
 ) -> int:
     """Run the worker until ``stop`` is set (or SIGTERM/SIGINT in the main thread).
 
     Returns 0 after a clean shutdown, 1 after a failure, 2 for invalid rules.
     """
     stop = stop or threading.Event()
+    if dry_run:
+        # a group of its own: a dry run must not take partitions from the real workers (it
+        # commits nothing, so it reads from the start of the topics every time)
+        dry = dataclasses.replace(
+            config.tag_sync,
+            group_id=f"{config.tag_sync.group_id}.dry-run",
+            group_instance_id="",
+            metrics_port=0,
+        )
+        config = dataclasses.replace(config, tag_sync=dry)
     try:
         worker = TagSyncWorker(
             config, dry_run=dry_run, stop=stop, out=out, shutdown_timeout_s=shutdown_timeout_s
