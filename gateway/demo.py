@@ -327,8 +327,8 @@ def _demo_tag_sync(bootstrap: str, events: int) -> None:
         tags = fake.tags(samples.DEMO_APP_ID, "external_id", "user-42")
         print(f"  user-42's tags now: {tags}")
         print(
-            f"  {len(fake.requests)} requests for the ~1,040 events of one user: merged per user, "
-            "at most 1 request/s per user"
+            f"  {len(fake.requests)} request(s) for {events} events, nearly all of one user: "
+            "merged per user, at most 1 request/s per user"
             if ok
             else "  (the worker did not finish in time)"
         )
