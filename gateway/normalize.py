@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -42,6 +43,8 @@ _CONTENT_ID_NAMESPACE: Final = uuid.UUID("f8d415d0-9d35-4fc4-bd67-b4857773b56a")
 _MAX_NODES: Final = 5000
 _MAX_DEPTH: Final = 64
 _MAX_HASH_STRING_CHARS: Final = 8192
+_MAX_CACHED_HASH_CHARS: Final = 1024  # titles are short; bounds what the cache holds
+_HASH_CACHE_SIZE: Final = 512
 _MAX_TIME_TEXT_CHARS: Final = 64
 _MILLISECONDS_ABOVE: Final = 1e11
 _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -101,6 +104,8 @@ _NUMERIC_TEXT: Final = re.compile(r"[+-]?\d{1,20}(?:\.\d{1,9})?")
 _ARRAY_INDEX: Final = re.compile(r"0|[1-9][0-9]{0,17}")
 _RUBY_WORDS: Final = re.compile(r"\b(nil|true|false)\b")
 _RUBY_TO_PYTHON: Final = {"nil": "None", "true": "True", "false": "False"}
+# Inside quotes, what JSON, Python and Ruby-converted literals might not read verbatim.
+_UNPLAIN: Final = re.compile(r"[\\\n\r\x00\ud800-\udfff]")
 _LITERAL_ERRORS: Final = (ValueError, SyntaxError, RecursionError, MemoryError, TypeError)
 
 _WEB_PUSH_ACTIONS: Final = {
@@ -207,15 +212,65 @@ def _ruby_hash_as_python(text: str) -> str:
     return "".join(out)
 
 
-def _parse_hash_string(text: str) -> dict[str, Any] | None:
-    """A hash rendered into a string by Liquid: JSON, Python-literal or Ruby ``=>`` style.
+def _quoted(text: str, start: int, end: int) -> tuple[str, int] | None:
+    """(content, index after it) of a plain quoted string at ``start``, closed before ``end``.
 
-    Only literals are evaluated (never code), only for short text that looks like a hash, and
-    only string keys with JSON-safe scalar values are kept.
+    Plain means nothing any of the three syntaxes would read differently: no backslash, no line
+    break or NUL, no lone surrogate. Anything else is left to the literal parsers.
     """
-    text = text.strip()
-    if not (2 <= len(text) <= _MAX_HASH_STRING_CHARS and text[0] == "{" and text[-1] == "}"):
+    if start >= end or text[start] not in ("'", '"'):
         return None
+    quote = text[start]
+    close = text.find(quote, start + 1, end)
+    if close < 0:
+        return None
+    content = text[start + 1 : close]
+    if _UNPLAIN.search(content):
+        return None
+    return content, close + 1
+
+
+def _skip_spaces(text: str, i: int, end: int) -> int:
+    while i < end and text[i] == " ":
+        i += 1
+    return i
+
+
+def _plain_hash(text: str) -> dict[str, str] | None:
+    """``{'en':'Hi', 'fr':'Salut'}`` or ``{"en"=>"Hi"}`` read in one linear pass.
+
+    Only flat maps of plain quoted strings, which is how OneSignal renders localized text;
+    None for anything else (nil, numbers, escapes, duplicate keys...), which then goes to
+    :func:`_literal_hash`. Where both read a text they agree (a property test checks).
+    """
+    end = len(text) - 1  # text[0] == "{" and text[end] == "}"
+    out: dict[str, str] = {}
+    i = _skip_spaces(text, 1, end)
+    while True:
+        key = _quoted(text, i, end)
+        if key is None or key[0] in out:
+            return None
+        i = _skip_spaces(text, key[1], end)
+        if text.startswith(":", i):
+            i += 1
+        elif text.startswith("=>", i):
+            i += 2
+        else:
+            return None
+        value = _quoted(text, _skip_spaces(text, i, end), end)
+        if value is None:
+            return None
+        out[key[0]] = value[0]
+        i = _skip_spaces(text, value[1], end)
+        if i == end:
+            return out
+        if text[i] != ",":
+            return None
+        i = _skip_spaces(text, i + 1, end)
+
+
+def _literal_hash(text: str) -> dict[Any, Any] | None:
+    """Any hash literal: JSON, then Python, then Ruby ``=>`` style (literals only, never code)."""
     parsed: Any = None
     try:
         parsed = orjson.loads(text)
@@ -227,9 +282,35 @@ def _parse_hash_string(text: str) -> dict[str, Any] | None:
                 parsed = ast.literal_eval(_ruby_hash_as_python(text))
             except _LITERAL_ERRORS:
                 return None
-    if not isinstance(parsed, dict):
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _hash_items(text: str) -> tuple[tuple[str, Any], ...] | None:
+    """The kept members of a stripped, bounded hash text, as an immutable (cacheable) value."""
+    parsed = _plain_hash(text)
+    if parsed is None:
+        parsed = _literal_hash(text)
+        if parsed is None:
+            return None
+    return tuple((k, v) for k, v in parsed.items() if isinstance(k, str) and _json_scalar(v))
+
+
+# Titles repeat across every event of one message, so most texts were parsed a moment ago.
+_cached_hash_items = lru_cache(maxsize=_HASH_CACHE_SIZE)(_hash_items)
+
+
+def _parse_hash_string(text: str) -> dict[str, Any] | None:
+    """A hash rendered into a string by Liquid: JSON, Python-literal or Ruby ``=>`` style.
+
+    Only literals are evaluated (never code), only for short text that looks like a hash, and
+    only string keys with JSON-safe scalar values are kept. The caller gets its own dict.
+    """
+    text = text.strip()
+    if not (2 <= len(text) <= _MAX_HASH_STRING_CHARS and text[0] == "{" and text[-1] == "}"):
         return None
-    return {k: v for k, v in parsed.items() if isinstance(k, str) and _json_scalar(v)}
+    parse = _cached_hash_items if len(text) <= _MAX_CACHED_HASH_CHARS else _hash_items
+    items = parse(text)
+    return None if items is None else dict(items)
 
 
 def _localized(value: Any) -> tuple[str | None, dict[str, str] | None]:
@@ -311,7 +392,12 @@ class _Node:
 
 
 class _Index:
-    """Every object member of a body, findable by the suffix of its dotted path."""
+    """Every object member of a body, findable by the suffix of its dotted path.
+
+    The plain statement of the lookup rules, kept as the reference :func:`_liquid_fields` must
+    agree with (the tests compare the two); too slow for the request path, as it builds a node
+    per member and searches them per field.
+    """
 
     __slots__ = ("by_last", "nodes")
 
@@ -356,8 +442,8 @@ class _Index:
         return out
 
 
-def _liquid_fields(payload: dict[Any, Any]) -> dict[str, Any]:
-    """Raw values of the canonical fields in a Liquid-templated body."""
+def _liquid_fields_by_index(payload: dict[Any, Any]) -> dict[str, Any]:
+    """What :func:`_liquid_fields` finds, the slow and obvious way."""
     index = _Index(payload)
     found = {name: index.find(paths) for name, paths in _CANDIDATE_PATHS.items()}
     tags = _tags(found["tags"]) if found["tags"] is not None else None
@@ -365,6 +451,134 @@ def _liquid_fields(payload: dict[Any, Any]) -> dict[str, Any]:
     if flat_tags or tags:
         found["tags"] = {**flat_tags, **(tags or {})}
     found["extra_data"] = index.children(_EVENT_DATA)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# the scan the request path uses
+#
+# The same answers as the index in one pass over the body and without building it: a member
+# can only matter if its last segment ends a candidate or it sits directly under event.data or
+# user.tags, and what a member can match depends only on its path. Templates give every event of
+# a source the same keys, so what the members of one object can match is worked out once per
+# (path, keys) and cached; per request only the values are looked at.
+
+_NOT_CHILD: Final = 0
+_DATA_CHILD: Final = 1
+_TAG_CHILD: Final = 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    """What one object member can be, from its path alone."""
+
+    path: tuple[str, ...]
+    key: str  # as in _Node.key
+    matches: tuple[tuple[str, int], ...]  # (field, _score(rank of its best candidate, path))
+    child_of: int  # _NOT_CHILD, _DATA_CHILD or _TAG_CHILD
+    relevant: bool  # matches or child_of: its value is looked at at all
+
+
+def _candidates_by_last() -> dict[str, tuple[tuple[str, int, tuple[str, ...]], ...]]:
+    table: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {}
+    for name, paths in _CANDIDATE_PATHS.items():
+        for rank, cand in enumerate(paths):
+            table.setdefault(cand[-1], []).append((name, rank, cand))
+    return {last: tuple(entries) for last, entries in table.items()}
+
+
+_CANDIDATES_BY_LAST: Final = _candidates_by_last()
+_RANK_STEP: Final = 1 << 32  # above any path length a body can have
+
+
+def _score(rank: int, path: tuple[str, ...]) -> int:
+    """Orders matches as the index does: candidate rank, then path length (one int compare)."""
+    return rank * _RANK_STEP + len(path)
+
+
+_SHAPE_CACHE_SIZE: Final = 1024
+_MAX_CACHED_SHAPE_KEYS: Final = 128  # bigger objects are not worth keeping (nor their keys)
+
+
+def _member(prefix: tuple[str, ...], key: str) -> _Member:
+    written = key.split(".")
+    path = prefix + tuple(_segment(s) for s in written)
+    best: dict[str, int] = {}
+    for name, rank, cand in _CANDIDATES_BY_LAST.get(path[-1], ()):
+        if path[-len(cand) :] == cand and rank < best.get(name, rank + 1):
+            best[name] = rank
+    child_of = _NOT_CHILD
+    if len(path) > 2:
+        parent = path[-3:-1]
+        child_of = (
+            _DATA_CHILD if parent == _EVENT_DATA else _TAG_CHILD if parent == _USER_TAGS else 0
+        )
+    matches = tuple((name, _score(rank, path)) for name, rank in best.items())
+    relevant = bool(matches) or child_of != _NOT_CHILD
+    return _Member(path, written[-1].strip(), matches, child_of, relevant)
+
+
+def _build_shape(prefix: tuple[str, ...], keys: tuple[Any, ...]) -> tuple[_Member | None, ...]:
+    """One entry per key, in order; None for a key that is not a string (never indexed)."""
+    return tuple(_member(prefix, k) if isinstance(k, str) else None for k in keys)
+
+
+_cached_shape = lru_cache(maxsize=_SHAPE_CACHE_SIZE)(_build_shape)
+
+
+def _shape(prefix: tuple[str, ...], obj: dict[Any, Any]) -> tuple[_Member | None, ...]:
+    keys = tuple(obj)
+    if len(keys) > _MAX_CACHED_SHAPE_KEYS:
+        return _build_shape(prefix, keys)
+    return _cached_shape(prefix, keys)
+
+
+def _first_by_key(members: list[tuple[int, str, Any]]) -> dict[str, Any]:
+    """``children()``: per written key, the present value on the shortest path, then earliest."""
+    out: dict[str, Any] = {}
+    members.sort(key=lambda m: m[0])  # stable
+    for _, key, value in members:
+        out.setdefault(key, value)
+    return out
+
+
+def _liquid_fields(payload: dict[Any, Any]) -> dict[str, Any]:
+    """Raw values of the canonical fields in a Liquid-templated body."""
+    best: dict[str, tuple[int, Any]] = {}  # field -> (score, value)
+    data_members: list[tuple[int, str, Any]] = []
+    tag_members: list[tuple[int, str, Any]] = []
+    queue: deque[tuple[tuple[str, ...], dict[Any, Any], int]] = deque([((), payload, 0)])
+    count = 0
+    while queue and count < _MAX_NODES:
+        prefix, obj, depth = queue.popleft()
+        for member, value in zip(_shape(prefix, obj), obj.values(), strict=True):
+            if member is None:
+                continue
+            count += 1
+            # _present(value), inlined: this loop is most of the cost of a request
+            if (
+                member.relevant
+                and value is not None
+                and (not isinstance(value, str) or value.strip())
+            ):
+                for name, score in member.matches:
+                    held = best.get(name)
+                    if held is None or score < held[0]:
+                        best[name] = (score, value)
+                if member.child_of == _DATA_CHILD:
+                    data_members.append((len(member.path), member.key, value))
+                elif member.child_of == _TAG_CHILD:
+                    tag_members.append((len(member.path), member.key, value))
+            if isinstance(value, dict) and depth + 1 < _MAX_DEPTH:
+                queue.append((member.path, value, depth + 1))
+    found: dict[str, Any] = dict.fromkeys(_CANDIDATES)
+    for name, (_, value) in best.items():
+        found[name] = value
+    tags = _tags(found["tags"]) if found["tags"] is not None else None
+    flat_tags = _first_by_key(tag_members)  # {"user.tags.plan": ..} in Journey bodies
+    if flat_tags or tags:
+        found["tags"] = {**flat_tags, **(tags or {})}
+    found["extra_data"] = _first_by_key(data_members)
     return found
 
 

@@ -6,17 +6,28 @@ import copy
 import uuid
 from datetime import UTC, datetime
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import normalize as normalize_module
 from gateway import samples
 from gateway.config import MAPPABLE_FIELDS
 from gateway.event import NormalizationError, NormalizedEvent, Received
 from gateway.kinds import EVENT_STREAM_KINDS
-from gateway.normalize import content_id, normalize
+from gateway.normalize import (
+    _json_scalar,
+    _liquid_fields,
+    _liquid_fields_by_index,
+    _literal_hash,
+    _parse_hash_string,
+    _plain_hash,
+    content_id,
+    normalize,
+)
 
 # 1700000000 is 2023-11-14T22:13:20Z; 1708559115 is 2024-02-21T23:45:15Z.
 T_1700 = datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
@@ -922,3 +933,163 @@ def test_hash_ids_of_normalized_events_ignore_key_order(body: dict[str, Any], se
     b = normalize(reorder(payload, seed), fmt="journey")
     if not a.id_from_payload:  # (a nested "event.id" somewhere is an id, not a hash)
         assert a.id == b.id
+
+
+# ---------------------------------------------------------------------------------------------
+# the request path agrees with the reference index and the literal parsers
+
+
+def _dict_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Paths of every object in ``value`` (the root included)."""
+    out = [prefix]
+    for key, child in value.items():
+        if isinstance(child, dict):
+            out.extend(_dict_paths(child, (*prefix, key)))
+    return out
+
+
+def _at(value: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        value = value[key]
+    return value
+
+
+ODD_VALUES = st.one_of(
+    st.sampled_from(["", " ", None, 0, 12.5, True, {}, {"en": "x"}, "{'en':'y'}", "evt-x"]),
+    json_values(huge_ints=False),
+).map(copy.deepcopy)  # the bodies are mutated: no object may be shared between examples
+
+
+@st.composite
+def layout_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """A documented-layout body, then some members blanked, retyped, recased or added."""
+    source = draw(st.sampled_from(["event-stream", "journey"]))
+    if source == "event-stream":
+        body = samples.event_stream_payload(
+            draw(st.sampled_from(sorted(EVENT_STREAM_KINDS))),
+            layout=draw(st.sampled_from(samples.LAYOUTS)),
+            event_id=draw(st.none() | st.just("evt-1")),
+        )
+    else:
+        body = samples.journey_payload(
+            layout=draw(st.sampled_from(["flat-dotted", "plain-nested"])),
+            tags=draw(st.none() | st.dictionaries(KEYS, st.text(max_size=3), max_size=3)),
+            event_id=draw(st.none() | st.just("j-1")),
+            event_kind=draw(st.none() | st.just("journey.webhook")),
+        )
+    body = copy.deepcopy(body)  # plain-nested shares the samples' title maps; edited below
+    for _ in range(draw(st.integers(0, 4))):
+        target = _at(body, draw(st.sampled_from(_dict_paths(body))))
+        action = draw(st.sampled_from(["set", "add", "recase", "drop"]))
+        if action == "add" or not target:
+            target[draw(KEYS)] = draw(ODD_VALUES)
+            continue
+        key = draw(st.sampled_from(list(target)))
+        if action == "set":
+            target[key] = draw(ODD_VALUES)
+        elif action == "recase" and isinstance(key, str):
+            target[key.upper() if draw(st.booleans()) else f" {key.title()} "] = target.pop(key)
+        else:
+            del target[key]
+    return source, body
+
+
+def _by_index(payload: Any, fmt: str) -> NormalizedEvent:
+    with mock.patch.object(normalize_module, "_liquid_fields", _liquid_fields_by_index):
+        return normalize(payload, fmt=fmt)
+
+
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # big reprs
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=layout_bodies())
+def test_the_scan_agrees_with_the_index_on_documented_layouts(
+    case: tuple[str, dict[str, Any]],
+) -> None:
+    fmt, body = case
+    assert _liquid_fields(body) == _liquid_fields_by_index(body)
+    try:
+        fast = normalize(body, fmt=fmt)
+    except NormalizationError as exc:
+        with pytest.raises(NormalizationError) as ref:
+            _by_index(body, fmt)
+        assert ref.value.reason == exc.reason
+        return
+    assert fast == _by_index(body, fmt)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=st.dictionaries(KEYS, json_values(), max_size=8))
+def test_the_scan_agrees_with_the_index_on_any_object(payload: dict[str, Any]) -> None:
+    assert _liquid_fields(payload) == _liquid_fields_by_index(payload)
+
+
+def test_the_scan_agrees_with_the_index_past_the_node_and_depth_bounds() -> None:
+    wide = {
+        "a": {f"k{i}": "" for i in range(3000)},
+        "b": {f"event.data.k{i}": i for i in range(3000)},
+        "c": {"event.kind": "message.sms.sent", "user.tags.x": 1},
+    }
+    deep: dict[str, Any] = {"event": {"kind": "message.email.sent"}, "app_id": "deep"}
+    for i in range(70):
+        deep = {f"d{i}": deep, **({"event.kind": "message.push.sent"} if i == 3 else {})}
+    for body in (wide, deep, {**wide, "event.kind": "message.push.sent"}):
+        assert _liquid_fields(body) == _liquid_fields_by_index(body)
+    assert _liquid_fields(wide)["kind"] is None  # "c" is past the node bound
+    assert _liquid_fields(deep)["app_id"] is None  # past the depth bound
+
+
+def test_the_same_keys_at_another_path_are_not_confused() -> None:
+    # one cached shape per (path, keys): "id" means event.id here and message.id there
+    body = {"event": {"id": "e", "kind": "message.push.sent"}, "message": {"id": "m", "kind": "k"}}
+    ev = es(body)
+    assert (ev.id, ev.message["id"], ev.kind) == ("e", "m", "message.push.sent")
+
+
+HASH_PIECES = st.sampled_from([*"ab é'\"\\:=>,{}\n\r\t\x00\x0c", "\ud800", "nil", "😀"])
+PLAIN_TEXT = st.text(
+    st.characters(exclude_characters="'\"\\\n\r\x00", exclude_categories=["Cs"]), max_size=8
+)
+HASH_TEXT = PLAIN_TEXT | st.lists(HASH_PIECES, max_size=8).map("".join) | st.text(max_size=8)
+
+
+@st.composite
+def hash_texts(draw: st.DrawFn) -> str:
+    """Localized maps as Liquid renders them, with odd content, spacing and separators."""
+    texts = draw(st.sampled_from([PLAIN_TEXT, HASH_TEXT]))
+    quote = draw(st.sampled_from(["'", '"']))
+    space = draw(st.sampled_from(["", " ", "", " ", "  ", "\t"]))
+    members = [
+        f"{quote}{draw(texts)}{quote}{space}{draw(st.sampled_from([':', '=>']))}{space}"
+        + draw(st.sampled_from([f"{quote}{draw(texts)}{quote}"] * 3 + ["nil", "1", "true"]))
+        for _ in range(draw(st.integers(0, 3)))
+    ]
+    inner = ("," + space).join(members) + draw(st.sampled_from(["", "", "", ",", " "]))
+    return "{" + space + inner + "}"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ast on "\\:" escapes
+@settings(max_examples=600, deadline=None)
+@given(text=hash_texts() | HASH_TEXT.map(lambda t: "{" + t + "}"))
+def test_the_plain_hash_reader_agrees_with_the_literal_parsers(text: str) -> None:
+    plain = _plain_hash(text)
+    if plain is not None:
+        assert plain == _literal_hash(text)
+    expected = _literal_hash(text.strip()) if len(text.strip()) >= 2 else None
+    kept = (
+        None
+        if expected is None
+        else {k: v for k, v in expected.items() if isinstance(k, str) and _json_scalar(v)}
+    )
+    assert _parse_hash_string(text) == kept
+
+
+def test_the_localized_samples_take_the_plain_reader() -> None:
+    for text in ("{'en':'Flash Sale: 50% Off Today','es':'Oferta'}", '{"en"=>"Hi", "fr"=>"S"}'):
+        assert _plain_hash(text) is not None
+
+
+def test_cached_hash_strings_give_each_caller_its_own_dict() -> None:
+    first = _parse_hash_string("{'en':'cached'}")
+    assert first == {"en": "cached"}
+    first["en"] = "changed"
+    assert _parse_hash_string("{'en':'cached'}") == {"en": "cached"}
