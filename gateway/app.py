@@ -3,6 +3,11 @@
 One request goes: client IP (trusted proxies) -> allowlist -> shared secret -> body ->
 parse -> normalize -> dedupe -> publish and wait for the ack -> answer. Nothing is answered
 2xx unless Kafka acknowledged it (the event's record, or its dead-letter record).
+
+The source routes are plain ASGI callables in front of Starlette: they are the hot path, and
+Starlette's request, response and middleware objects cost more per request than everything
+the gateway itself does before the Kafka send. The operational routes (health, readiness,
+metrics, OpenAPI) stay on Starlette.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,13 +30,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import kinds, normalize, ranges, trust
-from .config import Config, SourceConfig
+from .config import CHANNELS, Config, SourceConfig
 from .dedupe import SeenWindow
 from .event import NormalizationError, NormalizedEvent, Received
 from .metrics import IngressMetrics
-from .middleware.bodylimit import BodyLimitMiddleware, BodyTooLarge
 from .openapi import openapi_document
 from .parsing import BadRequest, decode_body
 from .records import KafkaRecord, build_dead_letter, build_record
@@ -41,7 +46,36 @@ __all__ = ["Gateway", "create_app"]
 
 log = logging.getLogger("gateway.ingress")
 
-_WRITE_METHODS = ("POST", "PUT", "PATCH")
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "dead_lettered",
+    "forbidden_ip",
+    "forbidden_secret",
+    "bad_request",
+    "unsupported_media_type",
+    "unavailable",
+    "method_not_allowed",
+    "too_large",
+)
+_JSON = (b"content-type", b"application/json")
+
+
+@dataclass(slots=True)
+class _Reply:
+    status: int
+    body: dict[str, Any]
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    close: bool = False
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> _Reply:
+    return _Reply(
+        status,
+        {"error": code, "message": message},
+        [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()],
+    )
 
 
 class _OrjsonResponse(JSONResponse):
@@ -49,8 +83,12 @@ class _OrjsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return _OrjsonResponse({"error": code, "message": message}, status_code=status, headers=headers)
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
 
 
 @dataclass
@@ -93,91 +131,122 @@ def _secret_ok(values: list[bytes], secrets: tuple[bytes, ...]) -> bool:
     return ok
 
 
-def _cors_headers(source: SourceConfig, request: Request) -> dict[str, str]:
-    origin = request.headers.get("origin")
-    if origin is None:
-        return {}
-    if "*" in source.cors_origins:
-        allow = "*"
-    elif origin in source.cors_origins:
-        allow = origin
-    else:
-        return {}
-    headers = {"access-control-allow-origin": allow}
-    if allow != "*":
-        headers["vary"] = "Origin"
-    return headers
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name, the first value of each (the secret reads all of its own)."""
+    out: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        out.setdefault(name, value)
+    return out
 
 
 class _SourceRoute:
-    """The handler of one configured source."""
+    """The ASGI handler of one configured source."""
 
     def __init__(self, gw: Gateway, source: SourceConfig) -> None:
         self.gw = gw
         self.source = source
         self.secrets = tuple(s.reveal().encode() for s in source.secrets)
         self.secret_header = source.secret_header.encode()
-        self.header_name = gw.config.server.proxy_header.encode()
+        self.proxy_header = gw.config.server.proxy_header
         self.allow_text = source.format == "journey"
-        self.outcomes = {
-            name: gw.metrics.requests.labels(source.name, name)
-            for name in (
-                "accepted",
-                "duplicate",
-                "dead_lettered",
-                "forbidden_ip",
-                "forbidden_secret",
-                "bad_request",
-                "unsupported_media_type",
-                "unavailable",
-                "method_not_allowed",
-                "too_large",
-            )
-        }
+        self.web = source.format == "web-push"
+        self.max_body = gw.config.server.max_body_bytes
+        self.outcomes = {name: gw.metrics.requests.labels(source.name, name) for name in _OUTCOMES}
         self.latency = gw.metrics.request_seconds.labels(source.name)
+        allow = "POST, PUT, PATCH" + (", OPTIONS" if self.web else "")
+        self.allow_header = allow
 
-    async def __call__(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        headers = _headers(scope)
         try:
-            response = await self.handle(request)
+            reply = await self.handle(scope, headers, receive)
+        except _ClientGone:
+            return
+        except Exception:  # a bug: answer 500 rather than drop the connection, and say so
+            log.exception("unhandled error in source route", extra={"source": self.source.name})
+            reply = _error(500, "internal", "the gateway failed to handle this request")
         finally:
             self.latency.observe(time.perf_counter() - started)
-        cors = _cors_headers(self.source, request) if self.source.format == "web-push" else {}
-        response.headers.update(cors)
-        return response
+        out = reply.headers
+        if self.web:
+            out.extend(self._cors(headers))
+        body = orjson.dumps(reply.body) if reply.status != 204 else b""
+        out.append(_JSON)
+        out.append((b"content-length", str(len(body)).encode()))
+        if reply.close:
+            out.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": reply.status, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+    def _cors(self, headers: Mapping[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        origin = headers.get(b"origin")
+        if origin is None:
+            return []
+        origins = self.source.cors_origins
+        if "*" in origins:
+            return [(b"access-control-allow-origin", b"*")]
+        if origin.decode("latin-1") in origins:
+            return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+        return []
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome].inc()
 
-    async def handle(self, request: Request) -> Response:
+    async def _read_body(self, headers: Mapping[bytes, bytes], receive: Receive) -> bytes:
+        """The whole body, or :class:`_BodyTooLarge` as soon as it is over the limit.
+
+        uvicorn has no body limit of its own: a declared length over the limit is refused
+        before a byte is read, a chunked body as soon as it passes the limit.
+        """
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > self.max_body:
+                    raise _BodyTooLarge
+            except ValueError:
+                pass
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def handle(
+        self, scope: Scope, headers: Mapping[bytes, bytes], receive: Receive
+    ) -> _Reply:
         source = self.source
-        if request.method == "OPTIONS" and source.format == "web-push":
-            return Response(
-                status_code=204,
-                headers={
-                    "access-control-allow-methods": "POST, OPTIONS",
-                    "access-control-allow-headers": "content-type, x-onesignal-event",
-                    "access-control-max-age": "86400",
-                },
+        method = scope["method"]
+        if method == "OPTIONS" and self.web:
+            return _Reply(
+                204,
+                {},
+                [
+                    (b"access-control-allow-methods", b"POST, OPTIONS"),
+                    (b"access-control-allow-headers", b"content-type, x-onesignal-event"),
+                    (b"access-control-max-age", b"86400"),
+                ],
             )
-        if request.method not in _WRITE_METHODS:
+        if method not in _WRITE_METHODS:
             self._count("method_not_allowed")
             return _error(
                 405,
                 "method-not-allowed",
-                f"{request.method} is not accepted here; send POST",
-                {
-                    "allow": "POST, PUT, PATCH"
-                    + (", OPTIONS" if source.format == "web-push" else "")
-                },
+                f"{method} is not accepted here; send POST",
+                allow=self.allow_header,
             )
 
-        peer = request.scope.get("client")
+        peer = scope.get("client")
         client = trust.resolve_client_ip(
-            peer[0] if peer else None,
-            request.scope["headers"],
-            self.gw.proxies,
-            self.header_name.decode(),
+            peer[0] if peer else None, scope["headers"], self.gw.proxies, self.proxy_header
         )
         if source.require_allowlisted_ip and not self.gw.allowlist.contains(client.ip):
             self._count("forbidden_ip")
@@ -191,24 +260,30 @@ class _SourceRoute:
             )
             return _error(403, "forbidden", "sender address is not allowed (ip-not-allowed)")
         if source.require_secret:
-            values = [v for k, v in request.scope["headers"] if k == self.secret_header]
+            values = [v for k, v in scope["headers"] if k == self.secret_header]
             if not _secret_ok(values, self.secrets):
                 self._count("forbidden_secret")
-                reason = (
-                    "secret-missing"
-                    if not values
-                    else ("secret-repeated" if len(values) > 1 else "secret-invalid")
-                )
+                if not values:
+                    reason = "secret-missing"
+                elif len(values) > 1:
+                    reason = "secret-repeated"
+                else:
+                    reason = "secret-invalid"
                 log.info(
                     "refused: %s", reason, extra={"source": source.name, "client_ip": client.ip}
                 )
                 return _error(403, "forbidden", f"shared secret check failed ({reason})")
 
         try:
-            body = await request.body()
-        except BodyTooLarge:
-            raise  # the middleware answers 413
-        content_type = request.headers.get("content-type")
+            body = await self._read_body(headers, receive)
+        except _BodyTooLarge:
+            self._count("too_large")
+            reply = _error(
+                413, "too-large", f"the request body is over the {self.max_body}-byte limit"
+            )
+            reply.close = True  # the rest of the body is not read
+            return reply
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         try:
             payload = decode_body(
                 body,
@@ -232,7 +307,7 @@ class _SourceRoute:
             )
         except NormalizationError as exc:
             return await self._dead_letter(exc.reason, str(exc), body, content_type, received)
-        if source.format == "web-push" and not event.subscription.get("id"):
+        if self.web and not event.subscription.get("id"):
             # The SDK sends no event id and, without CORS, no subscription id: two people
             # clicking one notification send identical bytes. A content hash would merge them
             # into one event, so each such request gets an id of its own (the SDK never retries).
@@ -250,13 +325,12 @@ class _SourceRoute:
             )
         return await self._publish_event(event, received)
 
-    async def _publish_event(self, event: NormalizedEvent, received: Received) -> Response:
+    async def _publish_event(self, event: NormalizedEvent, received: Received) -> _Reply:
         gw = self.gw
         cfg = gw.config.kafka
-        now = gw.monotonic()
-        if gw.seen.seen(event.id, now):
+        if gw.seen.seen(event.id, gw.monotonic()):
             self._count("duplicate")
-            return _OrjsonResponse({"status": "duplicate", "id": event.id})
+            return _Reply(200, {"status": "duplicate", "id": event.id})
         pending = gw.pending.get(event.id)
         if pending is not None:
             # the same event is being published by a concurrent request: share its outcome
@@ -266,7 +340,7 @@ class _SourceRoute:
                 ok = False
             if ok:
                 self._count("duplicate")
-                return _OrjsonResponse({"status": "duplicate", "id": event.id})
+                return _Reply(200, {"status": "duplicate", "id": event.id})
             return self._unavailable("the first delivery of this event id did not reach Kafka")
 
         record = build_record(
@@ -283,18 +357,20 @@ class _SourceRoute:
         except Unavailable as exc:
             marker.set_result(False)
             return self._unavailable(str(exc))
+        except BaseException:
+            marker.set_result(False)
+            raise
         finally:
             gw.pending.pop(event.id, None)
         marker.set_result(True)
         gw.seen.add(event.id, gw.monotonic())
-        gw.metrics.dedupe_entries.set(len(gw.seen))
         gw.metrics.events.labels(event.kind).inc()
         self._count("accepted")
-        return _OrjsonResponse(_accepted_body(event.id, result))
+        return _Reply(200, _accepted_body(event.id, result))
 
     async def _dead_letter(
-        self, reason: str, detail: str, body: bytes, content_type: str | None, received: Received
-    ) -> Response:
+        self, reason: str, detail: str, body: bytes, content_type: str, received: Received
+    ) -> _Reply:
         record = build_dead_letter(
             topic=self.gw.config.kafka.dead_letter_topic,
             reason=reason,
@@ -302,11 +378,11 @@ class _SourceRoute:
             body=body,
             source_name=self.source.name,
             received=received,
-            content_type=content_type or "",
+            content_type=content_type,
         )
         return await self._publish_dead_letter(record, reason)
 
-    async def _publish_dead_letter(self, record: KafkaRecord, reason: str) -> Response:
+    async def _publish_dead_letter(self, record: KafkaRecord, reason: str) -> _Reply:
         try:
             result = await self.gw.sink.publish(record)
         except Unavailable as exc:
@@ -319,17 +395,16 @@ class _SourceRoute:
         )
         body = _accepted_body(None, result)
         body.update(status="dead-lettered", reason=reason)
-        return _OrjsonResponse(body)
+        return _Reply(200, body)
 
-    def _unavailable(self, detail: str) -> Response:
+    def _unavailable(self, detail: str) -> _Reply:
         self._count("unavailable")
-        retry_after = str(self.gw.config.kafka.retry_after_s)
         log.warning("answered 503", extra={"source": self.source.name, "detail": detail})
         return _error(
             503,
             "unavailable",
             "the event could not be stored durably right now; retry later",
-            {"retry-after": retry_after},
+            retry_after=str(self.gw.config.kafka.retry_after_s),
         )
 
 
@@ -343,6 +418,23 @@ def _accepted_body(event_id: str | None, result: PublishResult) -> dict[str, Any
     }
 
 
+class _Ingress:
+    """Dispatch: the configured source paths to their handlers, the rest to Starlette."""
+
+    def __init__(self, fallback: Starlette, routes: dict[str, _SourceRoute]) -> None:
+        self.fallback = fallback
+        self.routes = routes
+        self.state = fallback.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = self.routes.get(scope["path"])
+            if route is not None:
+                await route(scope, receive, send)
+                return
+        await self.fallback(scope, receive, send)
+
+
 def create_app(
     config: Config,
     *,
@@ -350,16 +442,13 @@ def create_app(
     allowlist: ranges.Allowlist | None = None,
     sink: KafkaSink | None = None,
     clock: Callable[[], float] = time.time,
-) -> Starlette:
+) -> ASGIApp:
     """The ingress ASGI app. The sink connects in the app's lifespan."""
     metrics = metrics or IngressMetrics()
     allowlist = allowlist or ranges.Allowlist.from_config(config.allowlist)
     warm = tuple(
         dict.fromkeys(
-            [
-                config.kafka.topic.format(channel=c)
-                for c in ("push", "email", "sms", "iam", "live_activity")
-            ]
+            [config.kafka.topic.format(channel=c) for c in CHANNELS]
             + [config.kafka.dead_letter_topic]
         )
     )
@@ -389,30 +478,14 @@ def create_app(
 
     async def metrics_route(request: Request) -> Response:
         metrics.allowlist_ranges.set(gw.allowlist.size)
+        metrics.dedupe_entries.set(len(gw.seen))
+        metrics.in_flight.set(gw.sink.in_flight)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     doc = openapi_document(config)
 
     async def openapi(request: Request) -> Response:
         return _OrjsonResponse(doc)
-
-    routes = [
-        Route("/healthz", healthz, methods=["GET", "HEAD"]),
-        Route("/readyz", readyz, methods=["GET", "HEAD"]),
-        Route("/metrics", metrics_route, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-    ]
-    path_to_source: dict[str, str] = {}
-    for source in config.sources:
-        handler = _SourceRoute(gw, source)
-        routes.append(
-            Route(
-                source.path,
-                handler.__call__,
-                methods=["GET", "HEAD", "OPTIONS", *_WRITE_METHODS, "DELETE"],
-            )
-        )
-        path_to_source[source.path] = source.name
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -440,14 +513,14 @@ def create_app(
             await gw.sink.close(timeout_s=min(15.0, config.server.graceful_shutdown_s or 15.0))
             log.info("ingress stopped: producer flushed and closed")
 
-    def on_too_large(path: str) -> None:
-        name = path_to_source.get(path)
-        if name is not None:
-            metrics.requests.labels(name, "too_large").inc()
-
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.gateway = gw
-    app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=config.server.max_body_bytes, on_refuse=on_too_large
+    fallback = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics_route, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        lifespan=lifespan,
     )
-    return app
+    fallback.state.gateway = gw
+    return _Ingress(fallback, {s.path: _SourceRoute(gw, s) for s in config.sources})

@@ -27,7 +27,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +288,9 @@ def diff(old: RangeSnapshot | None, new: RangeSnapshot) -> tuple[list[str], list
     return sorted(after - before, key=_sort_key), sorted(before - after, key=_sort_key)
 
 
+_ANSWER_CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class _State:
     """One immutable version of the allowlist.
@@ -301,6 +304,9 @@ class _State:
     size: int
     starts: Mapping[int, tuple[int, ...]]  # IP version -> first address of each range
     ends: Mapping[int, tuple[int, ...]]  # IP version -> last address of each range
+    # answers per address text: OneSignal sends from few addresses, and parsing one costs more
+    # than the lookup; it belongs to this version, so a swap starts with an empty cache
+    answers: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, ipset: netaddr.IPSet, snapshot: RangeSnapshot | None) -> _State:
@@ -343,13 +349,20 @@ class Allowlist:
 
     def contains(self, ip: str) -> bool:
         """Whether ``ip`` (text, as from :class:`gateway.trust.ClientIP`) is an allowed sender."""
+        state = self._state  # one read: the whole lookup sees one version
+        known = state.answers.get(ip)
+        if known is not None:
+            return known
         addr = parse_ip(ip)
         if addr is None:
-            return False
-        state = self._state  # one read: the whole lookup sees one version
-        value = int(addr)
-        i = bisect.bisect_right(state.starts[addr.version], value) - 1
-        return i >= 0 and value <= state.ends[addr.version][i]
+            answer = False
+        else:
+            value = int(addr)
+            i = bisect.bisect_right(state.starts[addr.version], value) - 1
+            answer = i >= 0 and value <= state.ends[addr.version][i]
+        if len(state.answers) < _ANSWER_CACHE_SIZE:
+            state.answers[ip] = answer
+        return answer
 
     def note_refresh_ok(self, at: float) -> None:
         self.last_refresh_ok = at

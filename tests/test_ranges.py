@@ -442,3 +442,12 @@ def test_contains_agrees_with_ipset(nets: list[str], data: st.DataObject) -> Non
         if ip.version == 6 and ip.is_ipv4_mapped():
             continue  # parse_ip reads these as IPv4, by design
         assert allow.contains(str(ip)) == (ip in ipset), str(ip)
+
+
+def test_cached_answers_belong_to_one_version_of_the_set() -> None:
+    allow = Allowlist(netaddr.IPSet(["198.51.100.0/24"]))
+    assert allow.contains("198.51.100.7") and not allow.contains("203.0.113.7")
+    assert allow.contains("198.51.100.7")  # answered from the cache, same answer
+    allow.replace(netaddr.IPSet(["203.0.113.0/24"]), None)
+    assert not allow.contains("198.51.100.7") and allow.contains("203.0.113.7")
+    assert not allow.contains("not an address") and not allow.contains("not an address")
