@@ -28,9 +28,10 @@ class NormalizationError(ValueError):
 
 def rfc3339(ts: datetime) -> str:
     """UTC RFC 3339 with a 'Z' and at most microsecond precision."""
-    ts = ts.astimezone(UTC)
-    text = ts.isoformat(timespec="microseconds" if ts.microsecond else "seconds")
-    return text.replace("+00:00", "Z")
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    # an aware UTC isoformat always ends in "+00:00"
+    return ts.isoformat(timespec="microseconds" if ts.microsecond else "seconds")[:-6] + "Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,8 +61,8 @@ def build_record(
     }
     if subject:
         attrs["subject"] = subject
-    if event.occurred_at is not None:
-        attrs["time"] = rfc3339(event.occurred_at)
+    if value["occurred_at"] is not None:
+        attrs["time"] = value["occurred_at"]
     if content_mode == "structured":
         body = {**attrs, "datacontenttype": "application/json", "data": value}
         return KafkaRecord(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
+from kafka.partitioner.default import DefaultPartitioner, murmur2
 
 from .config import KafkaConfig
 from .metrics import IngressMetrics
@@ -51,6 +53,36 @@ class PublishResult:
         self.offset = offset
 
 
+@functools.lru_cache(maxsize=65536)
+def _key_hash(key: bytes) -> int:
+    return int(murmur2(key)) & 0x7FFFFFFF
+
+
+class KeyHashCachePartitioner(DefaultPartitioner):  # type: ignore[misc]
+    """kafka-python's default partitioner (the Java client's murmur2), with the hash cached.
+
+    kafka-python computes murmur2 in pure Python on every send; the key is the user id, and
+    one user's events keep arriving, so the hash is remembered. Same partitions as the default.
+    """
+
+    def partition(
+        self,
+        topic: str,
+        key: Any,
+        serialized_key: bytes | None,
+        value: Any,
+        serialized_value: bytes | None,
+        cluster: Any,
+    ) -> int:
+        partitions = cluster.partitions_for_topic(topic)
+        if serialized_key is None or not partitions:
+            return int(
+                super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+            )
+        ordered = sorted(partitions)
+        return int(ordered[_key_hash(serialized_key) % len(ordered)])
+
+
 def producer_options(cfg: KafkaConfig) -> dict[str, Any]:
     opts = cfg.client_options()
     opts.update(
@@ -62,6 +94,7 @@ def producer_options(cfg: KafkaConfig) -> dict[str, Any]:
         request_timeout_ms=cfg.request_timeout_ms,
         delivery_timeout_ms=cfg.delivery_timeout_ms,
         max_block_ms=cfg.max_block_ms,
+        partitioner=KeyHashCachePartitioner(),
     )
     if cfg.compression_type:
         opts["compression_type"] = cfg.compression_type

@@ -98,3 +98,32 @@ def test_dead_letter_keeps_the_bytes_and_says_why() -> None:
     assert header(rec.headers, "dlq_reason") == "no-kind"
     assert len(header(rec.headers, "dlq_detail") or "") == 1000
     assert header(rec.headers, "dlq_client_ip") == "34.90.1.2"
+
+
+def test_cached_partitioner_agrees_with_kafka_pythons_default() -> None:
+    from kafka.partitioner.default import DefaultPartitioner
+
+    from gateway.sink import KeyHashCachePartitioner
+
+    class Cluster:
+        def __init__(self, n: int) -> None:
+            self.parts = set(range(n))
+
+        def topics(self) -> set[str]:
+            return {"t"}
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return self.parts
+
+        def available_partitions_for_topic(self, topic: str) -> set[int]:
+            return self.parts
+
+    ours, theirs = KeyHashCachePartitioner(), DefaultPartitioner()
+    for n in (1, 3, 4, 12, 50):
+        cluster = Cluster(n)
+        for i in range(300):
+            key = f"user-{i}-\u00e9".encode()
+            for _ in range(2):  # the second call is answered from the cache
+                assert ours.partition("t", None, key, None, b"", cluster) == theirs.partition(
+                    "t", None, key, None, b"", cluster
+                )
