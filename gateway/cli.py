@@ -26,7 +26,12 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    cfg = load_config(_config_path(args))
+    return load_and_register(_config_path(args))
+
+
+def load_and_register(path: str) -> Config:
+    """Load the config and register every secret it resolved with the log scrubber."""
+    cfg = load_config(path)
     secrets = [s.reveal() for src in cfg.sources for s in src.secrets]
     secrets += [a.api_key.reveal() for a in cfg.onesignal.apps if a.api_key]
     if cfg.kafka.sasl_password:
@@ -39,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .server import uvicorn_config
+    from .server import uvicorn_config, uvicorn_options
 
     cfg = _load(args)
     configure_logging(cfg.server.log_level)
@@ -48,6 +53,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["host"] = args.host
     if args.port is not None:
         overrides["port"] = args.port
+    if cfg.server.workers > 1:
+        # worker processes build their own app from the same file (see server.worker_app)
+        os.environ["GATEWAY_CONFIG"] = os.path.abspath(cfg.path)
+        uvicorn.run("gateway.server:worker_app", factory=True, **uvicorn_options(cfg, **overrides))
+        return 0
     app = create_app(cfg)
     server = uvicorn.Server(uvicorn_config(app, cfg, **overrides))
     server.run()

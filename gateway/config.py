@@ -109,6 +109,7 @@ class ServerConfig:
     max_json_depth: int = 64
     timeout_keep_alive: int = 620
     limit_concurrency: int = 0
+    workers: int = 1
     graceful_shutdown_s: float = 20.0
     log_level: str = "info"
     access_log: bool = False
@@ -400,6 +401,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
             "timeout_keep_alive", ServerConfig.timeout_keep_alive, minimum=1
         ),
         limit_concurrency=s.integer("limit_concurrency", 0, minimum=0),
+        workers=s.integer("workers", 1, minimum=1),
         graceful_shutdown_s=s.number("graceful_shutdown_s", 20.0, minimum=0),
         log_level=s.text("log_level", "info", ("debug", "info", "warning", "error")),
         access_log=s.flag("access_log", False),

@@ -17,10 +17,15 @@ import uvicorn
 
 from .config import Config
 
-__all__ = ["ServerThread", "bind_socket", "uvicorn_config"]
+__all__ = ["ServerThread", "bind_socket", "uvicorn_config", "uvicorn_options", "worker_app"]
 
 
 def uvicorn_config(app: Any, config: Config, **overrides: Any) -> uvicorn.Config:
+    return uvicorn.Config(app, **uvicorn_options(config, **overrides))
+
+
+def uvicorn_options(config: Config, **overrides: Any) -> dict[str, Any]:
+    """uvicorn's settings for the ingress, from ``[server]``."""
     s = config.server
     options: dict[str, Any] = {
         "host": s.host,
@@ -36,8 +41,10 @@ def uvicorn_config(app: Any, config: Config, **overrides: Any) -> uvicorn.Config
     }
     if s.limit_concurrency:
         options["limit_concurrency"] = s.limit_concurrency
+    if s.workers > 1:
+        options["workers"] = s.workers
     options.update(overrides)
-    return uvicorn.Config(app, **options)
+    return options
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -100,3 +107,20 @@ class ServerThread:
             yield self
         finally:
             self.stop()
+
+
+def worker_app() -> Any:
+    """The app of one uvicorn worker process (``server.workers`` > 1).
+
+    Each worker reads the config named by ``GATEWAY_CONFIG`` (the parent sets it) and has its
+    own producer and dedupe window, exactly like a separate replica.
+    """
+    import os
+
+    from .app import create_app
+    from .cli import load_and_register
+    from .logs import configure_logging
+
+    cfg = load_and_register(os.environ["GATEWAY_CONFIG"])
+    configure_logging(cfg.server.log_level)
+    return create_app(cfg)
