@@ -391,6 +391,16 @@ class _Node:
     value: Any
 
 
+def _inside_tags(path: tuple[str, ...]) -> bool:
+    """Whether a member sits inside a tags object (``user.tags.x``, ``{"tags": {"x": ..}}``).
+
+    Tags are user data (an app, or the user's own device through the SDK, sets them), so no
+    canonical field is ever read from inside them: a tag named ``external_id`` or ``event.kind``
+    must not stand in for a field the template left out.
+    """
+    return "tags" in path[:-1]
+
+
 class _Index:
     """Every object member of a body, findable by the suffix of its dotted path.
 
@@ -424,7 +434,11 @@ class _Index:
         """The first present value: candidates in order, shortest matching path first."""
         for cand in candidates:
             for node in self.by_last.get(cand[-1], ()):
-                if node.path[-len(cand) :] == cand and _present(node.value):
+                if (
+                    node.path[-len(cand) :] == cand
+                    and _present(node.value)
+                    and not _inside_tags(node.path)
+                ):
                     return node.value
         return None
 
@@ -504,7 +518,7 @@ def _member(prefix: tuple[str, ...], key: str) -> _Member:
     written = key.split(".")
     path = prefix + tuple(_segment(s) for s in written)
     best: dict[str, int] = {}
-    for name, rank, cand in _CANDIDATES_BY_LAST.get(path[-1], ()):
+    for name, rank, cand in () if _inside_tags(path) else _CANDIDATES_BY_LAST.get(path[-1], ()):
         if path[-len(cand) :] == cand and rank < best.get(name, rank + 1):
             best[name] = rank
     child_of = _NOT_CHILD

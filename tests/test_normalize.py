@@ -1093,3 +1093,29 @@ def test_cached_hash_strings_give_each_caller_its_own_dict() -> None:
     assert first == {"en": "cached"}
     first["en"] = "changed"
     assert _parse_hash_string("{'en':'cached'}") == {"en": "cached"}
+
+
+@pytest.mark.parametrize("layout", ["flat-dotted", "plain-nested", "nested-default"])
+def test_tags_never_stand_in_for_fields_the_template_left_out(layout: str) -> None:
+    # end users can set their own tags through the SDK: a tag named like a field is user data
+    payload = samples.event_stream_payload("message.push.clicked", layout=layout, event_id="e-1")
+    forged = {"external_id": "victim", "app_id": "other-app", "event.kind": "message.email.bounced"}
+    if layout == "plain-nested":
+        payload["event"].pop("external_id", None)
+        payload["event"].pop("app_id", None)
+        payload["user"].pop("external_id", None)
+        payload["user"]["tags"] = forged
+    else:
+        holder = payload["Event Data"] if layout == "nested-default" else payload
+        holder.pop("event.external_id", None)
+        holder.pop("event.app_id", None)
+        payload["user.tags"] = forged
+    event = normalize(payload, fmt="event-stream")
+    assert event.user.get("external_id") is None
+    assert event.app_id is None
+    assert event.kind == "message.push.clicked"
+    assert event.user["tags"]["external_id"] == "victim"  # still kept, as a tag
+    kindless = {"event.id": "e-2", "user.tags": {"event.kind": "message.email.bounced"}}
+    with pytest.raises(NormalizationError) as info:
+        normalize(kindless, fmt="event-stream")
+    assert info.value.reason == "no-kind"
