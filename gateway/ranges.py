@@ -404,9 +404,17 @@ def _safe_url(url: str) -> str:
 
 
 async def fetch_cloud_json(
-    client: httpx.AsyncClient, url: str, *, max_bytes: int = MAX_BYTES
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    max_bytes: int = MAX_BYTES,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> bytes:
-    """GET ``url`` streamed, refusing anything but a 200 and anything over ``max_bytes``."""
+    """GET ``url`` streamed, refusing anything but a 200 and anything over ``max_bytes``.
+
+    ``progress`` is called with (bytes so far, Content-Length or None) after each chunk, so a
+    terminal can show the download without this module knowing about terminals.
+    """
     shown = _safe_url(url)
     try:
         async with client.stream("GET", url) as resp:
@@ -422,6 +430,8 @@ async def fetch_cloud_json(
                 if total > max_bytes:
                     raise RangesError(f"GET {shown}: body is over the {max_bytes} byte limit")
                 chunks.append(chunk)
+                if progress is not None:
+                    progress(total, int(declared) if declared.isdigit() else None)
     except httpx.HTTPError as exc:
         raise RangesError(f"GET {shown}: {type(exc).__name__}: {exc}") from None
     return b"".join(chunks)
