@@ -1,4 +1,4 @@
-"""The ``gateway`` command: serve, tag-sync, demo, check-config, ranges."""
+"""The ``gateway`` command: serve, tag-sync, demo, check-config, ranges, replay."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from . import __version__
 from . import ranges as ranges_mod
@@ -120,7 +121,11 @@ def cmd_ranges(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    new = asyncio.run(_download(args.url, scopes))
+    progress = _DownloadProgress(sys.stderr)
+    try:
+        new = asyncio.run(_download(args.url, scopes, progress))
+    finally:
+        progress.close()
     added, removed = ranges.diff(current, new)
     for cidr in added:
         print(f"+ {cidr}")
@@ -137,12 +142,53 @@ def cmd_ranges(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _download(url: str, scopes: Sequence[str]) -> ranges_mod.RangeSnapshot:
+class _DownloadProgress:
+    """Bytes downloaded so far, redrawn on one stderr line; silent unless stderr is a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.drawn = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        of = f" of {total / 1000:.0f} kB" if total else ""
+        self.stream.write(f"\rdownloading cloud.json: {done / 1000:.0f} kB{of}")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def _download(
+    url: str, scopes: Sequence[str], progress: _DownloadProgress | None = None
+) -> ranges_mod.RangeSnapshot:
     import httpx
 
     async with httpx.AsyncClient(timeout=60.0, follow_redirects=True) as client:
-        data = await ranges_mod.fetch_cloud_json(client, url)
+        data = await ranges_mod.fetch_cloud_json(client, url, progress=progress)
     return ranges_mod.parse_cloud_json(data, scopes)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from . import replay
+
+    cfg = _load(args)
+    report = replay.run_replay(
+        cfg,
+        topic=args.topic,
+        group=args.group,
+        from_beginning=args.from_beginning,
+        limit=args.limit,
+        dry_run=args.dry_run,
+        requeue=args.requeue,
+    )
+    replay.print_report(report, sys.stdout)
+    return replay.exit_code(report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +236,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--onesignal", action="store_true", help="also list OneSignal's published ranges"
     )
     p.set_defaults(func=cmd_ranges)
+
+    p = sub.add_parser(
+        "replay", help="publish the ingress dead-letter topic again through the current config"
+    )
+    with_config(p)
+    p.add_argument("--topic", help="dead-letter topic (default: kafka.dead_letter_topic)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="read every record from the start; use and commit no group offsets",
+    )
+    start.add_argument("--group", help="consumer group (default: <dead-letter topic>.replay)")
+    p.add_argument("--limit", type=_positive, help="replay at most N records")
+    p.add_argument(
+        "--dry-run", action="store_true", help="report what would be published; publish nothing"
+    )
+    p.add_argument(
+        "--requeue",
+        action="store_true",
+        help="append records that still fail to the dead-letter topic again",
+    )
+    p.set_defaults(func=cmd_replay)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

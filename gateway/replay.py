@@ -1,0 +1,412 @@
+"""``gateway replay``: publish the ingress dead-letter topic again, after a config fix.
+
+A payload lands on ``kafka.dead_letter_topic`` when it parsed but could not be normalized
+(``no-kind``, ``not-an-object``...) or when its kind was unknown and ``kafka.unknown_kinds`` is
+``dead-letter``. The record keeps the request body exactly and says in ``dlq_*`` headers which
+source received it, when and from where. Once the config is fixed (a ``mapping`` for a custom
+template, ``unknown_kinds = "publish"``), replay reads those records, runs each body through the
+*current* config's parsing and normalization, and publishes the normalized record as the
+ingress would have, with the original ``received`` time, source and client IP.
+
+Offsets of the replay's own consumer group (``<dead_letter_topic>.replay`` by default) are
+committed only after Kafka acknowledged every record published for them, so an interrupted run
+loses nothing and a re-run continues where the last one stopped. A record that still fails is
+counted and listed by partition and offset, and the group moves past it (the record stays on
+the topic: ``--from-beginning`` reads it again); ``--requeue`` appends it to the dead-letter
+topic again, with today's reason, so that the group meets it after the next fix.
+
+The tag-sync dead-letter topic holds a different shape (failed Update user requests) and is
+not handled here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from . import kinds, normalize
+from .config import Config, SourceConfig
+from .event import NormalizationError, Received
+from .parsing import BadRequest, decode_body
+from .records import KafkaRecord, build_dead_letter, build_record, header
+
+__all__ = [
+    "ProgressBar",
+    "ReplayError",
+    "ReplayFailure",
+    "ReplayReport",
+    "exit_code",
+    "print_report",
+    "renormalize",
+    "run_replay",
+]
+
+# Ids for web-push events without a subscription id are derived from the dead letter's place in
+# the topic, so replaying the same dead letter twice yields the same CloudEvents id (the ingress
+# gives such events a random id because each request is a distinct click).
+_REPLAY_ID_NAMESPACE = uuid.UUID("3c5e0f1e-52a4-4f43-9a8e-6f0b3d3c2b71")
+_POLL_MS = 500
+_STALL_S = 30.0  # no record arriving for this long while the end is not reached: give up
+_MAX_LISTED = 200
+
+
+class ReplayError(Exception):
+    """A dead letter that cannot be published yet; ``reason`` is the dead-letter reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayFailure:
+    partition: int
+    offset: int
+    reason: str
+    detail: str
+
+
+@dataclass
+class ReplayReport:
+    """What one run did; ``failures`` are the records that still fail."""
+
+    topic: str
+    group: str | None
+    read: int = 0
+    replayed: int = 0
+    requeued: int = 0
+    dry_run: bool = False
+    failures: list[ReplayFailure] = field(default_factory=list)
+    published_to: collections.Counter[str] = field(default_factory=collections.Counter)
+    aborted: str = ""
+
+    def failing_by_reason(self) -> collections.Counter[str]:
+        return collections.Counter(f.reason for f in self.failures)
+
+
+def _received(headers: Sequence[tuple[str, bytes | None]], source: str) -> Received:
+    at_text = header(headers, "dlq_received_at")
+    if not at_text:
+        raise ReplayError("not-an-ingress-dead-letter", "no dlq_received_at header")
+    try:
+        at = datetime.fromisoformat(at_text)
+    except ValueError:
+        raise ReplayError(
+            "not-an-ingress-dead-letter", f"dlq_received_at is not a time: {at_text!r:.60}"
+        ) from None
+    if at.tzinfo is None:
+        raise ReplayError("not-an-ingress-dead-letter", "dlq_received_at has no time zone")
+    return Received(source=source, at=at, client_ip=header(headers, "dlq_client_ip") or "")
+
+
+def _source(cfg: Config, name: str) -> SourceConfig:
+    for src in cfg.sources:
+        if src.name == name:
+            return src
+    raise ReplayError(
+        "unknown-source",
+        f"source {name!r} is not in the config ({', '.join(s.name for s in cfg.sources)})",
+    )
+
+
+def renormalize(
+    cfg: Config,
+    headers: Sequence[tuple[str, bytes | None]],
+    value: bytes | None,
+    *,
+    place: str,
+) -> KafkaRecord:
+    """The record the ingress would publish today for one dead letter.
+
+    ``place`` (``topic/partition/offset``) seeds the id of events that have none of their own.
+    Raises :class:`ReplayError` with the reason it would be dead-lettered for again.
+    """
+    source_name = header(headers, "dlq_source")
+    if not source_name or header(headers, "dlq_reason") is None:
+        raise ReplayError("not-an-ingress-dead-letter", "no dlq_source or dlq_reason header")
+    source = _source(cfg, source_name)
+    received = _received(headers, source.name)
+    try:
+        payload = decode_body(
+            value or b"",
+            header(headers, "content-type"),
+            max_depth=cfg.server.max_json_depth,
+            allow_text=source.format == "journey",
+        )
+    except BadRequest as exc:
+        raise ReplayError(exc.code, exc.message) from None
+    if isinstance(payload, str):
+        raise ReplayError("not-json", "the body is plain text, not JSON")
+    try:
+        event = normalize.normalize(
+            payload,
+            fmt=source.format,
+            mapping=source.mapping,
+            default_app_id=source.app_id or None,
+        )
+    except NormalizationError as exc:
+        raise ReplayError(exc.reason, str(exc)) from None
+    if source.format == "web-push" and not event.subscription.get("id"):
+        stable = str(uuid.uuid5(_REPLAY_ID_NAMESPACE, place))
+        event = dataclasses.replace(event, id=stable, id_from_payload=False)
+    if event.kind not in kinds.KNOWN_KINDS and cfg.kafka.unknown_kinds == "dead-letter":
+        raise ReplayError("unknown-kind", f"event kind {event.kind!r} is not known")
+    return build_record(
+        event,
+        received,
+        topic_template=cfg.kafka.topic,
+        source_name=source.name,
+        content_mode=cfg.kafka.content_mode,
+    )
+
+
+def _requeued(
+    topic: str,
+    headers: Sequence[tuple[str, bytes | None]],
+    value: bytes | None,
+    key: bytes | None,
+    failure: ReplayError,
+    place: str,
+) -> KafkaRecord:
+    """The dead letter again, with today's reason, keeping what the ingress recorded."""
+    source = header(headers, "dlq_source") or ""
+    try:
+        received = _received(headers, source)
+    except ReplayError:
+        received = Received(source=source, at=datetime.fromtimestamp(0, UTC), client_ip="")
+    return build_dead_letter(
+        topic=topic,
+        reason=failure.reason,
+        detail=failure.detail,
+        body=value or b"",
+        source_name=source,
+        received=received,
+        content_type=header(headers, "content-type") or "",
+        key=key,
+        extra_headers=[("dlq_requeued_from", place.encode())],
+    )
+
+
+class ProgressBar:
+    """A one-line bar on stderr, drawn only when stderr is a terminal (never in logs or CI)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+        self.total = total
+        self.label = label
+        self._last = 0.0
+
+    def update(self, done: int, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        bar = "#" * filled + "." * (width - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total}")
+        self.stream.flush()
+
+    def close(self, done: int) -> None:
+        if self.enabled:
+            self.update(done, force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _reachable(bootstrap_servers: str, timeout_s: float) -> bool:
+    """Whether any bootstrap server accepts a TCP connection.
+
+    kafka-python 3 waits without a bound for metadata when ``api_version`` is pinned and no
+    broker answers, so an unreachable cluster is caught here, before the first metadata call.
+    """
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _partitions(consumer: Any, topic: str, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return sorted(parts)
+        if time.monotonic() > deadline:
+            return []
+        consumer.topics()  # refreshes metadata
+        time.sleep(0.2)
+
+
+def run_replay(
+    cfg: Config,
+    *,
+    topic: str | None = None,
+    group: str | None = None,
+    from_beginning: bool = False,
+    limit: int | None = None,
+    dry_run: bool = False,
+    requeue: bool = False,
+    progress_stream: TextIO | None = None,
+    metadata_timeout_s: float = 10.0,
+) -> ReplayReport:
+    """Replay the dead letters present when the run starts; see the module docstring.
+
+    ``from_beginning`` reads every partition from its first offset and neither reads nor
+    commits group offsets (a one-off pass). Otherwise the group's committed offsets are the
+    starting point and are committed after each acknowledged batch.
+    """
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    from .sink import producer_options
+
+    dlt = topic or cfg.kafka.dead_letter_topic
+    group_id = None if from_beginning else (group or f"{dlt}.replay")
+    report = ReplayReport(topic=dlt, group=group_id, dry_run=dry_run)
+    if not _reachable(cfg.kafka.bootstrap_servers, metadata_timeout_s):
+        report.aborted = f"no Kafka bootstrap server answers at {cfg.kafka.bootstrap_servers}"
+        return report
+    consumer = KafkaConsumer(
+        **cfg.kafka.client_options(),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=cfg.kafka.request_timeout_ms + 5000,
+    )
+    producer: Any = None
+    try:
+        parts = _partitions(consumer, dlt, metadata_timeout_s)
+        if not parts:
+            report.aborted = f"topic {dlt} does not exist or has no partitions"
+            return report
+        tps = [TopicPartition(dlt, p) for p in parts]
+        consumer.assign(tps)
+        end: dict[Any, int] = consumer.end_offsets(tps)
+        for tp in tps:
+            committed = None if group_id is None else consumer.committed(tp)
+            if committed is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        start = {tp: consumer.position(tp) for tp in tps}
+        total = sum(max(0, end[tp] - start[tp]) for tp in tps)
+        if limit is not None:
+            total = min(total, limit)
+        bar = ProgressBar(total, f"replay {dlt}", progress_stream)
+        if total and not dry_run:
+            producer = KafkaProducer(**producer_options(cfg.kafka))
+        done = {tp for tp in tps if start[tp] >= end[tp]}
+        last_record_at = time.monotonic()
+        while len(done) < len(tps) and report.read < total:
+            batch = consumer.poll(timeout_ms=_POLL_MS, max_records=500)
+            if not batch:
+                if time.monotonic() - last_record_at > _STALL_S:
+                    report.aborted = f"no records arrived for {_STALL_S:.0f}s before the end"
+                    break
+                continue
+            last_record_at = time.monotonic()
+            futures: list[tuple[Any, bool]] = []  # (future, is_requeue)
+            commit: dict[Any, Any] = {}
+            for tp, records in batch.items():
+                for rec in records:
+                    if rec.offset >= end[tp] or report.read >= total:
+                        done.add(tp)
+                        break
+                    report.read += 1
+                    place = f"{tp.topic}/{tp.partition}/{rec.offset}"
+                    headers = list(rec.headers or [])
+                    try:
+                        out = renormalize(cfg, headers, rec.value, place=place)
+                    except ReplayError as exc:
+                        report.failures.append(
+                            ReplayFailure(tp.partition, rec.offset, exc.reason, exc.detail)
+                        )
+                        if requeue and producer is not None:
+                            again = _requeued(dlt, headers, rec.value, rec.key, exc, place)
+                            futures.append((_send(producer, again), True))
+                    else:
+                        report.published_to[out.topic] += 1
+                        if producer is not None:
+                            futures.append((_send(producer, out), False))
+                        else:
+                            report.replayed += 1  # dry run: counted as would-be replayed
+                    commit[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+                    if rec.offset + 1 >= end[tp]:
+                        done.add(tp)
+            if producer is not None and futures:
+                producer.flush(timeout=cfg.kafka.delivery_timeout_ms / 1000)
+                try:
+                    for future, is_requeue in futures:
+                        future.get(timeout=cfg.kafka.delivery_timeout_ms / 1000)
+                        if is_requeue:
+                            report.requeued += 1
+                        else:
+                            report.replayed += 1
+                except KafkaError as exc:
+                    # nothing of this batch is committed: a re-run publishes it again, and the
+                    # repeated records carry the same ce_id for consumers to drop
+                    report.aborted = f"publish failed, batch not committed: {exc}"
+                    break
+            if group_id is not None and not dry_run and commit:
+                consumer.commit(commit)
+            bar.update(report.read)
+        bar.close(report.read)
+        return report
+    finally:
+        if producer is not None:
+            producer.close(timeout=5)
+        consumer.close(autocommit=False)
+
+
+def _send(producer: Any, record: KafkaRecord) -> Any:
+    return producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
+
+
+def print_report(report: ReplayReport, out: TextIO) -> None:
+    """The summary an operator reads: counts, reasons, and where each failure is."""
+    where = f"group {report.group}" if report.group else "from the beginning, no group"
+    verb = "would replay" if report.dry_run else "replayed"
+    print(
+        f"replay {report.topic} ({where}): {report.read} read, {report.replayed} {verb}, "
+        f"{len(report.failures)} still failing",
+        file=out,
+    )
+    for topic, count in sorted(report.published_to.items()):
+        print(f"  -> {topic}: {count}", file=out)
+    reasons = report.failing_by_reason()
+    if reasons:
+        listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+        print(f"still failing by reason: {listed}", file=out)
+        for f in report.failures[:_MAX_LISTED]:
+            print(f"  partition {f.partition} offset {f.offset}: {f.reason}: {f.detail}", file=out)
+        if len(report.failures) > _MAX_LISTED:
+            print(f"  ... and {len(report.failures) - _MAX_LISTED} more", file=out)
+    if report.requeued:
+        print(f"requeued {report.requeued} to {report.topic}", file=out)
+    if report.dry_run:
+        print("dry run: nothing published, no offsets committed", file=out)
+    if report.aborted:
+        print(f"stopped early: {report.aborted}", file=out)
+
+
+def exit_code(report: ReplayReport) -> int:
+    """0 when everything read was published; 1 when something still fails or the run stopped."""
+    return 1 if report.failures or report.aborted else 0
