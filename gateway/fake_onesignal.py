@@ -3,6 +3,8 @@
 It plays ``PATCH /apps/{app_id}/users/by/{alias_label}/{alias_id}`` as documented (see
 onesignal-reference.md sections 4 and 5): ``Authorization: Key <key>`` or 401; a JSON body
 ``{"properties": {"tags": {...string values...}}}`` or 400; 202 with the properties echoed.
+A GET of the same path answers 401 for a bad key, else 404 (or 200 for a user it holds tags
+of), which is what ``check-config --online`` probes.
 It keeps what a checker needs: a log of every request (arrival time, path, headers, body,
 status) and the resulting tag state per user (merged per key; "" or null deletes). It enforces
 OneSignal's limits (1 request/s per user, a per-app rate) with 429 and ``Retry-After``, and
@@ -147,7 +149,12 @@ class FakeOneSignal:
                     "/apps/{app_id}/users/by/{alias_label}/{alias_id:path}",
                     self._update_user,
                     methods=["PATCH"],
-                )
+                ),
+                Route(
+                    "/apps/{app_id}/users/by/{alias_label}/{alias_id:path}",
+                    self._view_user,
+                    methods=["GET"],
+                ),
             ]
         )
 
@@ -306,6 +313,24 @@ class FakeOneSignal:
         with self._lock:
             self._log.append(entry)
         return response
+
+    async def _view_user(self, request: Request) -> Response:
+        """GET a user, as ``check-config --online`` does: 401 for a bad key, else 200 or 404.
+
+        Only users whose tags the fake holds exist; requests here are not logged, so checks
+        on the PATCH log are not disturbed.
+        """
+        app_id = request.path_params["app_id"]
+        key = self._key_for(app_id)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if key is None or scheme.lower() != "key" or given != key:
+            return JSONResponse(AUTH_ERROR, status_code=401)
+        user = (app_id, request.path_params["alias_label"], request.path_params["alias_id"])
+        with self._lock:
+            tags = self._tags.get(user)
+        if tags is None:
+            return JSONResponse(_DEFAULT_FAULT_BODIES[404], status_code=404)
+        return JSONResponse({"properties": {"tags": dict(tags)}, "identity": {user[1]: user[2]}})
 
     async def _answer(
         self,
