@@ -133,8 +133,8 @@ def _fields(
         "event.data.live_activity_type": "OrderTracking" if live else "",
         "message.id": message_id,
         "message.name": _MESSAGE_NAMES.get(channel, ""),
-        "message.title": _TITLES.get(channel, {}),
-        "message.contents": _CONTENTS.get(channel, {}),
+        "message.title": dict(_TITLES.get(channel, {})),  # a copy: callers edit bodies
+        "message.contents": dict(_CONTENTS.get(channel, {})),
         "message.template_id": _uuid("template", app_id, channel),
         "message.url": "https://shop.example.com/sale" if channel == "push" else "",
         "message.app_url": "shopapp://sale" if channel == "push" else "",
