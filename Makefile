@@ -12,3 +12,5 @@ test: install
 	$(VENV)/bin/pytest
 lint: install
 	$(VENV)/bin/ruff check gateway tests && $(VENV)/bin/ruff format --check gateway tests && $(VENV)/bin/mypy
+bench: install
+	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
