@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from typing import TextIO
 
@@ -13,23 +15,50 @@ from .config import Config
 __all__ = ["check_config"]
 
 
-def _kafka_reachable(cfg: Config) -> tuple[bool, str]:
+def bootstrap_reachable(bootstrap_servers: str, timeout_s: float) -> bool:
+    """Whether any bootstrap server accepts a TCP connection.
+
+    kafka-python 3 waits without a bound for metadata when ``api_version`` is pinned and no
+    broker answers, so an unreachable cluster is caught here, before the first metadata call.
+    """
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _kafka_reachable(cfg: Config, timeout_s: float = 10.0) -> tuple[bool, str]:
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
-    try:
-        consumer = KafkaConsumer(
-            **cfg.kafka.client_options(), request_timeout_ms=10000, api_version_auto_timeout_ms=5000
-        )
-    except (KafkaError, ValueError, OSError) as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    try:
-        topics = consumer.topics()
-        return True, f"{len(topics)} topics visible"
-    except KafkaError as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    finally:
-        consumer.close()
+    if not bootstrap_reachable(cfg.kafka.bootstrap_servers, timeout_s=min(timeout_s, 5.0)):
+        return False, "no bootstrap server accepts a TCP connection"
+    outcome: list[tuple[bool, str]] = []
+
+    def probe() -> None:
+        try:
+            consumer = KafkaConsumer(**cfg.kafka.client_options(), request_timeout_ms=10000)
+        except (KafkaError, ValueError, OSError) as exc:
+            outcome.append((False, f"{type(exc).__name__}: {exc}"))
+            return
+        try:
+            outcome.append((True, f"{len(consumer.topics())} topics visible"))
+        except KafkaError as exc:
+            outcome.append((False, f"{type(exc).__name__}: {exc}"))
+        finally:
+            consumer.close()
+
+    # a broker that accepts connections but never answers must not hang the check
+    thread = threading.Thread(target=probe, name="check-kafka", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return False, f"no metadata from Kafka within {timeout_s:.0f}s"
+    return outcome[0]
 
 
 def _onesignal_key_ok(cfg: Config, app_id: str, key: str) -> tuple[bool, str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import socket
 import sys
 import time
 import uuid
@@ -33,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from . import kinds, normalize
+from .checks import bootstrap_reachable
 from .config import Config, SourceConfig
 from .event import NormalizationError, Received
 from .parsing import BadRequest, decode_body
@@ -226,22 +226,6 @@ class ProgressBar:
             self.stream.flush()
 
 
-def _reachable(bootstrap_servers: str, timeout_s: float) -> bool:
-    """Whether any bootstrap server accepts a TCP connection.
-
-    kafka-python 3 waits without a bound for metadata when ``api_version`` is pinned and no
-    broker answers, so an unreachable cluster is caught here, before the first metadata call.
-    """
-    for server in bootstrap_servers.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
 def _partitions(consumer: Any, topic: str, timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -281,7 +265,7 @@ def run_replay(
     dlt = topic or cfg.kafka.dead_letter_topic
     group_id = None if from_beginning else (group or f"{dlt}.replay")
     report = ReplayReport(topic=dlt, group=group_id, dry_run=dry_run)
-    if not _reachable(cfg.kafka.bootstrap_servers, metadata_timeout_s):
+    if not bootstrap_reachable(cfg.kafka.bootstrap_servers, metadata_timeout_s):
         report.aborted = f"no Kafka bootstrap server answers at {cfg.kafka.bootstrap_servers}"
         return report
     consumer = KafkaConsumer(

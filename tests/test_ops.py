@@ -574,14 +574,6 @@ def _free_port() -> int:
         return port
 
 
-_CHECKS_BUG = (
-    "gateway/checks.py passes api_version_auto_timeout_ms, which kafka-python 3 refuses "
-    "(KafkaConfigurationError), so the Kafka check always fails; its replacement, "
-    "bootstrap_timeout_ms, does not bound consumer.topics() when api_version is pinned"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_CHECKS_BUG)
 @pytest.mark.timeout(40)
 def test_check_config_passes_against_the_broker_without_printing_secrets(
     broker: EmbeddedBroker,
@@ -624,7 +616,6 @@ def test_check_config_online_tries_the_api_key(
         assert "not-the-key-0000" not in out + err
 
 
-@pytest.mark.xfail(strict=True, reason=_CHECKS_BUG)
 @pytest.mark.timeout(40)
 def test_check_config_fails_on_an_unreachable_bootstrap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
