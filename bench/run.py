@@ -349,15 +349,15 @@ def server(name: str, config: Path, workdir: Path) -> Iterator[Server]:
 def gateway_outcomes(url: str) -> dict[str, float]:
     """``gateway_requests_total`` by outcome: proves the load hit the publish path."""
     text = httpx.get(f"{url}/metrics", timeout=5).text
-    out: Counter[str] = Counter()
+    out: dict[str, float] = {}
     for m in re.finditer(
         r'^gateway_requests_total\{[^}]*outcome="([^"]+)"[^}]*\} ([\d.e+]+)$', text, re.M
     ):
-        out[m.group(1)] += float(m.group(2))
+        out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     dedupe = re.search(r"^gateway_dedupe_entries ([\d.e+]+)$", text, re.M)
     if dedupe:
         out["dedupe_entries"] = float(dedupe.group(1))
-    return dict(out)
+    return out
 
 
 def load_server(
