@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
-    from .server import uvicorn_config, uvicorn_options
+    from .server import GatewayServer, uvicorn_config, uvicorn_options
 
     cfg = _load(args)
     configure_logging(cfg.server.log_level)
@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run("gateway.server:worker_app", factory=True, **uvicorn_options(cfg, **overrides))
         return 0
     app = create_app(cfg)
-    server = uvicorn.Server(uvicorn_config(app, cfg, **overrides))
+    server = GatewayServer(uvicorn_config(app, cfg, **overrides))
     server.run()
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,14 @@ import uvicorn
 
 from .config import Config
 
-__all__ = ["ServerThread", "bind_socket", "uvicorn_config", "uvicorn_options", "worker_app"]
+__all__ = [
+    "GatewayServer",
+    "ServerThread",
+    "bind_socket",
+    "uvicorn_config",
+    "uvicorn_options",
+    "worker_app",
+]
 
 
 def uvicorn_config(app: Any, config: Config, **overrides: Any) -> uvicorn.Config:
@@ -45,6 +53,31 @@ def uvicorn_options(config: Config, **overrides: Any) -> dict[str, Any]:
         options["workers"] = s.workers
     options.update(overrides)
     return options
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, except that a clean stop on SIGTERM or SIGINT exits with status 0.
+
+    uvicorn re-raises the signal it caught once its graceful shutdown is done, so the process
+    dies by SIGTERM (status 143) whether or not the drain and the producer flush succeeded.
+    Here the signal only starts the shutdown, exactly as in uvicorn (a second one forces it),
+    and the exit status says how it went.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in _HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -182,8 +182,19 @@ class KafkaSink:
         if self._connect_task:
             self._connect_task.cancel()
         producer, self._producer = self._producer, None
-        if producer is not None and self._loop is not None:
+        if producer is None or self._loop is None:
+            return
+        pending = self._in_flight
+        try:
             await self._loop.run_in_executor(None, lambda: producer.close(timeout=timeout_s))
+        except KafkaError as exc:
+            # Records Kafka never acknowledged: every one of their requests was already
+            # answered 503 (an answer waits for its ack), so this is a bounded, expected end.
+            log.warning(
+                "producer closed with records Kafka did not acknowledge; their requests were "
+                "answered 503 and will be retried by the sender",
+                extra={"unacknowledged": pending, "error": f"{type(exc).__name__}: {exc}"},
+            )
 
     # -- state -------------------------------------------------------------------------------
 

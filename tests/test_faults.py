@@ -287,14 +287,9 @@ def test_gateway_kill9_under_load_loses_no_acknowledged_event(
 
 
 # ---------------------------------------------------------------------------------------------
-# findings, kept as failing tests until the gateway is fixed
+# findings of this suite, fixed in the gateway and kept as regression tests
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway serve exits by the re-raised SIGTERM (status 143) even after a clean "
-    "drain and flush, so a clean stop cannot be told from a failed one by its exit status",
-)
 def test_sigterm_exit_status_is_zero_after_a_clean_drain(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -306,12 +301,6 @@ def test_sigterm_exit_status_is_zero_after_a_clean_drain(
     assert code == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with records Kafka never acknowledged (their requests got 503), producer.close() "
-    "raises KafkaTimeoutError out of the lifespan: 'Application shutdown failed' and a traceback "
-    "at error level for an expected, bounded outcome",
-)
 def test_shutdown_with_unacknowledged_records_is_reported_not_failed(
     fresh_broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
