@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from hypothesis import given
+from collections import OrderedDict
+
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.dedupe import SeenWindow
@@ -12,7 +14,8 @@ def test_an_id_is_seen_within_the_window_only() -> None:
     w.add("a", now=0)
     assert w.seen("a", now=9.9)
     assert not w.seen("a", now=10.0)
-    assert len(w) == 0
+    w.add("a", now=10.0)  # seen again after expiry: a fresh window
+    assert w.seen("a", now=19.9)
 
 
 def test_the_oldest_ids_go_first_when_full() -> None:
@@ -20,29 +23,76 @@ def test_the_oldest_ids_go_first_when_full() -> None:
     for i, eid in enumerate("abcd"):
         w.add(eid, now=i)
     assert [w.seen(e, now=5) for e in "abcd"] == [False, True, True, True]
+    assert len(w) == 3
 
 
 def test_a_zero_window_remembers_nothing() -> None:
     w = SeenWindow(window_s=0, max_entries=10)
     w.add("a", now=0)
     assert not w.seen("a", now=0)
+    assert len(w) == 0
 
 
+def test_memory_is_allocated_once() -> None:
+    w = SeenWindow(window_s=3600, max_entries=1000)
+    sizes = (len(w._table), len(w._ring))
+    for i in range(10_000):
+        w.add(f"id-{i}", now=i)
+    assert (len(w._table), len(w._ring)) == sizes and len(w) == 1000
+    assert all(w.seen(f"id-{i}", now=10_000) for i in range(9000, 10_000))
+    assert not any(w.seen(f"id-{i}", now=10_000) for i in range(0, 9000))
+
+
+class Model:
+    """The plain statement: the last `cap` distinct hashes added, each with its expiry."""
+
+    def __init__(self, window: float, cap: int, hash_fn: object) -> None:
+        self.window, self.cap, self.hash = window, cap, hash_fn
+        self.held: OrderedDict[int, float] = OrderedDict()
+
+    def seen(self, eid: str, now: float) -> bool:
+        h = self.hash(eid)  # type: ignore[operator]
+        return h in self.held and self.held[h] > now
+
+    def add(self, eid: str, now: float) -> None:
+        h = self.hash(eid)  # type: ignore[operator]
+        if h in self.held:
+            self.held[h] = now + self.window  # restarts, keeps its place in line
+            return
+        if len(self.held) == self.cap:
+            self.held.popitem(last=False)
+        self.held[h] = now + self.window
+
+
+def tiny_hash(eid: str) -> int:
+    # a deliberately small hash space: collisions, long probe runs, wraparound, backward shifts
+    return (sum(map(ord, eid)) * 2654435761) % 13 + 1
+
+
+@settings(max_examples=400)
 @given(
-    st.lists(st.tuples(st.sampled_from("abcdefgh"), st.floats(0, 5)), max_size=60),
-    st.integers(1, 5),
+    st.lists(
+        st.tuples(
+            st.booleans(), st.text(alphabet="abcdefghij", min_size=1, max_size=3), st.floats(0, 3)
+        ),
+        max_size=120,
+    ),
+    st.integers(1, 9),
+    st.sampled_from([tiny_hash, hash]),
 )
-def test_never_more_than_max_entries_and_never_a_false_positive(
-    ops: list[tuple[str, float]], cap: int
+def test_agrees_with_the_model(
+    ops: list[tuple[bool, str, float]], cap: int, hash_fn: object
 ) -> None:
-    w = SeenWindow(window_s=3, max_entries=cap)
+    fn = hash_fn if hash_fn is tiny_hash else (lambda s: (hash(s) & ((1 << 64) - 1)) or 1)
+    w = SeenWindow(window_s=4, max_entries=cap, hash_fn=fn)  # type: ignore[arg-type]
+    model = Model(4, cap, fn)
     now = 0.0
-    added: dict[str, float] = {}
-    for eid, step in ops:
+    for is_add, eid, step in ops:
         now += step
-        w.add(eid, now)
-        added[eid] = now
-        assert len(w) <= cap
-        for other in "abcdefgh":
-            if w.seen(other, now):
-                assert other in added and added[other] + 3 > now
+        if is_add:
+            w.add(eid, now)
+            model.add(eid, now)
+        assert w.seen(eid, now) == model.seen(eid, now)
+        assert len(w) == len(model.held)
+    for eid in {e for _, e, _ in ops}:
+        assert w.seen(eid, now) == model.seen(eid, now)
