@@ -67,6 +67,12 @@ MAX_P99_MS = 50.0
 MAX_RSS_GROWTH = 0.10
 MAX_ALLOWLIST_SLOWDOWN = 0.05
 MIN_TAGSYNC_EVENTS_S = 5000.0
+# librdkafka's mock cluster keeps 5 MiB per partition (then drops the oldest batches): the
+# tag-sync backlog is spread so that each partition holds at most this much
+MOCK_PARTITION_BUDGET_BYTES = 4 * 1024 * 1024
+MOCK_PARTITIONS = 4  # per auto-created topic
+# after every offset is committed, how long the fake may take to show the final tags
+COMMIT_AHEAD_GRACE_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,8 +523,15 @@ def tagsync(bootstrap: str, workdir: Path, args: argparse.Namespace) -> dict[str
 
     Worker and fake run in processes of their own. By default the backlog interleaves users
     (each user's events are spread over the whole backlog), so merging gets no free ride;
-    ``--tagsync-order grouped`` puts each user's events back to back. Done is when the
-    group's committed offsets reach the end of every partition.
+    ``--tagsync-order grouped`` puts each user's events back to back. Done is when both hold:
+    the group's committed offsets reach the end of every partition, and the fake holds every
+    user's final tags (a commit ahead of delivery would show as the first without the second).
+
+    The embedded broker (librdkafka's mock cluster) keeps at most 5 MiB per partition and
+    silently drops the oldest record batches beyond that (its topics have 4 partitions and it
+    does not take CreateTopics from kafka-python), so the backlog is spread over enough
+    topics, each user's events on one of them, and the run stops if any partition's log
+    start is not 0.
     """
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -529,7 +542,7 @@ def tagsync(bootstrap: str, workdir: Path, args: argparse.Namespace) -> dict[str
     n_events, n_users = args.tagsync_events, args.tagsync_users
     per_user = max(1, n_events // n_users)
     n_events = per_user * n_users
-    topic = f"bench.tagsync.{uuid.uuid4().hex[:8]}"
+    prefix = f"bench.tagsync.{uuid.uuid4().hex[:8]}"
     group = f"bench-tagsync-{uuid.uuid4().hex[:8]}"
     base_ts = 1_708_559_115
     received = Received(source="event-stream", at=datetime.now(UTC), client_ip=XFF)
@@ -550,7 +563,7 @@ def tagsync(bootstrap: str, workdir: Path, args: argparse.Namespace) -> dict[str
         )
         event = normalize(payload, fmt="event-stream")
         records.append(
-            build_record(event, received, topic_template=topic, source_name="event-stream")
+            (u, build_record(event, received, topic_template=prefix, source_name="event-stream"))
         )
     built = time.perf_counter() - built
 
@@ -558,11 +571,17 @@ def tagsync(bootstrap: str, workdir: Path, args: argparse.Namespace) -> dict[str
         "bootstrap_servers": bootstrap.split(","),
         "api_version": tuple(int(p) for p in API_VERSION.split(".")),
     }
+    backlog_bytes = sum(
+        len(r.value) + len(r.key or b"") + sum(len(k) + len(v) for k, v in r.headers)
+        for _, r in records
+    )
+    n_topics = max(1, math.ceil(backlog_bytes / (MOCK_PARTITIONS * MOCK_PARTITION_BUDGET_BYTES)))
+    topics = [f"{prefix}.{i}" for i in range(n_topics)]
     producer = KafkaProducer(**kafka_opts, acks="all", linger_ms=5)
     produced = time.perf_counter()
     try:
-        for r in records:
-            producer.send(r.topic, value=r.value, key=r.key, headers=r.headers)
+        for u, r in records:
+            producer.send(topics[u % n_topics], value=r.value, key=r.key, headers=r.headers)
         producer.flush(timeout=120)
     finally:
         producer.close(timeout=10)
@@ -609,7 +628,7 @@ api_key_env = "BENCH_OS_KEY"
 
 [tag_sync]
 group_id = "{group}"
-topics = ["{topic}"]
+topics = {orjson.dumps(topics).decode()}
 app_rate_limit = {app_rate}
 metrics_port = 0
 
@@ -619,9 +638,20 @@ tags = {{ last_clicked_at = "{{occurred_unix}}", last_clicked_channel = "{{chann
 """
         )
         probe = KafkaConsumer(**kafka_opts, group_id=group, enable_auto_commit=False)
-        parts = probe.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in parts]
+        tps = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(probe.partitions_for_topic(topic) or ())
+        ]
         ends = probe.end_offsets(tps)
+        starts = probe.beginning_offsets(tps)
+        if sum(ends.values()) != n_events or any(starts.values()):
+            raise RuntimeError(
+                f"the broker does not hold the whole backlog: {sum(ends.values())} records "
+                f"produced of {n_events}, {sum(starts.values())} already dropped from the "
+                "partitions' starts (the mock cluster keeps 5 MiB per partition)"
+            )
+        want = str(base_ts + per_user - 1)
         started = time.monotonic()
         with open(worker_log, "wb") as wlog:
             worker = subprocess.Popen(
@@ -632,14 +662,27 @@ tags = {{ last_clicked_at = "{{occurred_unix}}", last_clicked_channel = "{{chann
                 env=child_env(BENCH_OS_KEY=key),
             )
         deadline = started + args.tagsync_timeout
-        done_at = None
+        committed_at = final_at = done_at = None
+        final_params = {"key": "last_clicked_at", "value": want}
         while time.monotonic() < deadline:
             if worker.poll() is not None:
                 raise RuntimeError(f"tag-sync worker exited: {tail(worker_log)}")
-            committed = {tp: probe.committed(tp) or 0 for tp in tps}
-            if all(committed[tp] >= ends[tp] for tp in tps):
-                done_at = time.monotonic()
+            now = time.monotonic()
+            if committed_at is None:
+                committed = {tp: probe.committed(tp) or 0 for tp in tps}
+                if all(committed[tp] >= ends[tp] for tp in tps):
+                    committed_at = now
+            if final_at is None and committed_at is not None:
+                # asked once the commit holds (the fake is not loaded with polls meanwhile):
+                # when both hold is when the later of the two was seen
+                got = httpx.get(f"{fake_url}/_bench/final", params=final_params, timeout=30)
+                if got.json()["users"] >= n_users:
+                    final_at = now
+            if committed_at is not None and final_at is not None:
+                done_at = max(committed_at, final_at)
                 break
+            if committed_at is not None and now - committed_at > COMMIT_AHEAD_GRACE_S:
+                break  # committed, yet the fake does not hold the final state: a lost update
             time.sleep(0.25)
         stats = httpx.get(f"{fake_url}/_bench/stats", params={"full": "1"}, timeout=30).json()
     finally:
@@ -647,7 +690,6 @@ tags = {{ last_clicked_at = "{{occurred_unix}}", last_clicked_channel = "{{chann
             probe.close()
         stop_process(worker)
         stop_process(fake_proc)
-    want = str(base_ts + per_user - 1)
     tags = stats.get("tags", {})
     final_ok = sum(1 for t in tags.values() if t.get("last_clicked_at") == want)
     first, last = stats.get("first_at"), stats.get("last_at")
@@ -662,7 +704,14 @@ tags = {{ last_clicked_at = "{{occurred_unix}}", last_clicked_channel = "{{chann
         "app_rate_limit": app_rate,
         "build_s": built,
         "produce_records_per_s": n_events / produced,
+        "topics": n_topics,
+        "partitions": len(tps),
+        "backlog_mb": backlog_bytes / 1e6,
         "finished": done_at is not None,
+        "committed_s_from_launch": (committed_at - started) if committed_at else math.nan,
+        "final_state_s_from_launch": (final_at - started) if final_at else math.nan,
+        # every offset committed, yet some user lacks their final tags after the grace
+        "committed_ahead_of_delivery": committed_at is not None and final_at is None,
         "wall_s_from_launch": (done_at - started) if done_at else math.nan,
         "events_per_s_from_launch": n_events / (done_at - started) if done_at else math.nan,
         "drain_s": drain,
@@ -973,7 +1022,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str,
             f"{t['requests']} requests at {t['requests_per_s']:.0f}/s "
             f"({t['events_per_request']:.1f} events each), statuses {t['statuses']}, "
             f"{t['users_with_final_tags']}/{t['users']} users with their final tags; "
-            f"produced at {t['produce_records_per_s']:.0f} records/s"
+            f"produced at {t['produce_records_per_s']:.0f} records/s "
+            f"({t['backlog_mb']:.0f} MB over {t['topics']} topics, {t['partitions']} partitions)"
+        )
+        checks.append(
+            (
+                "tag sync: no offset committed ahead of its delivered update "
+                f"(committed ahead: {t['committed_ahead_of_delivery']})",
+                not t["committed_ahead_of_delivery"] and t["finished"],
+            )
         )
         checks.append(
             (

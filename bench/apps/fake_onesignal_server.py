@@ -6,6 +6,7 @@ So the tag-sync worker and the server it calls do not share a GIL, as in product
 benchmark checks: request counts by status, per-user 429s, the smallest gap between two
 accepted requests of one user, first and last arrival (``time.monotonic``, which is
 system-wide on Linux, so comparable with the harness's clock) and every user's tags.
+``GET /_bench/final?key=K&value=V`` counts the users whose tag K is V.
 """
 
 from __future__ import annotations
@@ -65,7 +66,14 @@ def main() -> None:
     async def stats(request: Request) -> Response:
         return JSONResponse(_stats(fake, full=request.query_params.get("full") == "1"))
 
+    async def final(request: Request) -> Response:
+        """How many users hold ``key`` = ``value`` (cheap enough to poll)."""
+        key, value = request.query_params["key"], request.query_params["value"]
+        users = sum(1 for tags in fake.all_tags().values() if tags.get(key) == value)
+        return JSONResponse({"users": users})
+
     fake.app.add_route("/_bench/stats", stats, methods=["GET"])
+    fake.app.add_route("/_bench/final", final, methods=["GET"])
     fake.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
