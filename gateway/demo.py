@@ -24,6 +24,7 @@ import orjson
 from . import samples
 from .embedded_broker import API_VERSION, EmbeddedBroker
 from .kinds import KNOWN_KINDS
+from .loadgen import LoadResult, run_load
 
 __all__ = ["run_demo"]
 
@@ -119,41 +120,20 @@ async def _post(client: httpx.AsyncClient, path: str, payload: Any, **kw: Any) -
     return await client.post(path, content=content, headers=headers, **kw)
 
 
-async def _burst(client: httpx.AsyncClient, n: int, concurrency: int = 64) -> dict[str, float]:
+async def _burst(port: int, n: int, connections: int = 64) -> LoadResult:
+    """``n`` Event Stream posts with fresh event ids over keep-alive connections."""
     bodies = [
         orjson.dumps(samples.event_stream_payload("message.push.sent", event_id=str(uuid.uuid4())))
         for _ in range(n)
     ]
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
-
-    async def worker() -> None:
-        while True:
-            try:
-                body = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            t = time.perf_counter()
-            r = await _post(client, "/v1/onesignal/events", None, content=body)
-            latencies.append(time.perf_counter() - t)
-            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "requests": n,
-        "seconds": elapsed,
-        "rps": n / elapsed,
-        "p50_ms": latencies[len(latencies) // 2] * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
-        "ok": statuses.get(200, 0),
-        "errors": n - statuses.get(200, 0),
+    headers = {
+        "content-type": "application/json",
+        "authorization": f"Bearer {SECRET}",
+        **LB_HEADERS,
     }
+    return await run_load(
+        "127.0.0.1", port, "/v1/onesignal/events", bodies, headers, connections=connections
+    )
 
 
 def _read_back(bootstrap: str, topics: list[str]) -> list[Any]:
@@ -212,13 +192,14 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
                 print("  ready (/readyz: Kafka reachable, allowlist loaded)")
                 await _demo_events(client)
                 _h(f"Throughput: {events} Event Stream posts, 64 connections, unique event ids")
-                stats = await _burst(client, events)
+                stats = await _burst(port, events)
+                ok = stats.statuses.get(200, 0)
                 print(
-                    f"  {stats['rps']:.0f} requests/s, p50 {stats['p50_ms']:.1f} ms, "
-                    f"p99 {stats['p99_ms']:.1f} ms, {stats['ok']:.0f} acknowledged, "
-                    f"{stats['errors']:.0f} errors"
+                    f"  {stats.rps:.0f} requests/s, p50 {stats.percentile(0.5) * 1000:.1f} ms, "
+                    f"p99 {stats.percentile(0.99) * 1000:.1f} ms, {ok} acknowledged, "
+                    f"{stats.requests - ok} errors"
                 )
-                print("  (client and server share this machine's cores; see `make bench` for wrk)")
+                print("  (the load generator shares this machine's cores; `make bench` uses wrk)")
                 metrics = (await client.get("/metrics")).text
         finally:
             proc.terminate()
