@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import logging
 import time
@@ -32,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import kinds, normalize, ranges, trust
+from . import normalize, ranges, trust
 from .config import CHANNELS, Config, SourceConfig
 from .dedupe import SeenWindow
 from .event import NormalizationError, NormalizedEvent, Received
@@ -297,32 +296,14 @@ class _SourceRoute:
 
         received = self.gw.received(source, client.ip)
         try:
-            if isinstance(payload, str):
-                raise NormalizationError("not-json", "the body is plain text, not JSON")
-            event = normalize.normalize(
+            event = normalize.normalize_for_source(
                 payload,
-                fmt=source.format,
-                mapping=source.mapping,
-                default_app_id=source.app_id or None,
+                source,
+                unknown_kinds=self.gw.config.kafka.unknown_kinds,
+                fresh_id=_random_id,  # the web-push SDK never retries: a new id per request
             )
         except NormalizationError as exc:
             return await self._dead_letter(exc.reason, str(exc), body, content_type, received)
-        if self.web and not event.subscription.get("id"):
-            # The SDK sends no event id and, without CORS, no subscription id: two people
-            # clicking one notification send identical bytes. A content hash would merge them
-            # into one event, so each such request gets an id of its own (the SDK never retries).
-            event = dataclasses.replace(event, id=str(uuid.uuid4()), id_from_payload=False)
-        if (
-            event.kind not in kinds.KNOWN_KINDS
-            and self.gw.config.kafka.unknown_kinds == "dead-letter"
-        ):
-            return await self._dead_letter(
-                "unknown-kind",
-                f"event kind {event.kind!r} is not known",
-                body,
-                content_type,
-                received,
-            )
         return await self._publish_event(event, received)
 
     async def _publish_event(self, event: NormalizedEvent, received: Received) -> _Reply:
@@ -406,6 +387,10 @@ class _SourceRoute:
             "the event could not be stored durably right now; retry later",
             retry_after=str(self.gw.config.kafka.retry_after_s),
         )
+
+
+def _random_id() -> str:
+    return str(uuid.uuid4())
 
 
 def _accepted_body(event_id: str | None, result: PublishResult) -> dict[str, Any]:

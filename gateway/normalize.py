@@ -17,12 +17,13 @@ Everything here is pure: no I/O, no clock. The only exception raised is
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -30,9 +31,9 @@ from typing import Any, Final
 
 import orjson
 
-from .config import SOURCE_FORMATS
+from .config import SOURCE_FORMATS, SourceConfig
 from .event import NormalizationError, NormalizedEvent
-from .kinds import canonical_kind, split_kind
+from .kinds import KNOWN_KINDS, canonical_kind, split_kind
 
 __all__ = ["content_id", "normalize"]
 
@@ -897,3 +898,30 @@ def normalize(
         id_from_payload=event_id is not None,
         original_kind=original_kind,
     )
+
+
+def normalize_for_source(
+    payload: Any,
+    source: SourceConfig,
+    *,
+    unknown_kinds: str,
+    fresh_id: Callable[[], str],
+) -> NormalizedEvent:
+    """What a configured source makes of a decoded body: the ingress and replay both use this.
+
+    Raises :class:`NormalizationError` for a body that is text rather than JSON (``not-json``),
+    one that cannot be normalized, or one of an unknown kind when ``unknown_kinds`` is
+    ``"dead-letter"``. ``fresh_id`` names web-push events that carry no subscription id: the
+    SDK sends no event id and, without CORS, no subscription id, so two people clicking one
+    notification send identical bytes, and a content hash would merge them into one event.
+    """
+    if isinstance(payload, str):
+        raise NormalizationError("not-json", "the body is plain text, not JSON")
+    event = normalize(
+        payload, fmt=source.format, mapping=source.mapping, default_app_id=source.app_id or None
+    )
+    if source.format == "web-push" and not event.subscription.get("id"):
+        event = dataclasses.replace(event, id=fresh_id(), id_from_payload=False)
+    if event.kind not in KNOWN_KINDS and unknown_kinds == "dead-letter":
+        raise NormalizationError("unknown-kind", f"event kind {event.kind!r} is not known")
+    return event

@@ -22,7 +22,6 @@ not handled here.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import sys
 import time
 import uuid
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from . import kinds, normalize
+from . import normalize
 from .checks import bootstrap_reachable
 from .config import Config, SourceConfig
 from .event import NormalizationError, Received
@@ -144,22 +143,16 @@ def renormalize(
         )
     except BadRequest as exc:
         raise ReplayError(exc.code, exc.message) from None
-    if isinstance(payload, str):
-        raise ReplayError("not-json", "the body is plain text, not JSON")
     try:
-        event = normalize.normalize(
+        event = normalize.normalize_for_source(
             payload,
-            fmt=source.format,
-            mapping=source.mapping,
-            default_app_id=source.app_id or None,
+            source,
+            unknown_kinds=cfg.kafka.unknown_kinds,
+            # the dead letter's place names it, so replaying it twice gives the same id
+            fresh_id=lambda: str(uuid.uuid5(_REPLAY_ID_NAMESPACE, place)),
         )
     except NormalizationError as exc:
         raise ReplayError(exc.reason, str(exc)) from None
-    if source.format == "web-push" and not event.subscription.get("id"):
-        stable = str(uuid.uuid5(_REPLAY_ID_NAMESPACE, place))
-        event = dataclasses.replace(event, id=stable, id_from_payload=False)
-    if event.kind not in kinds.KNOWN_KINDS and cfg.kafka.unknown_kinds == "dead-letter":
-        raise ReplayError("unknown-kind", f"event kind {event.kind!r} is not known")
     return build_record(
         event,
         received,
