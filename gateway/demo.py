@@ -25,6 +25,7 @@ from . import samples
 from .embedded_broker import API_VERSION, EmbeddedBroker
 from .kinds import KNOWN_KINDS
 from .loadgen import LoadResult, run_load
+from .server import free_port
 
 __all__ = ["run_demo"]
 
@@ -61,15 +62,6 @@ path = "/v1/onesignal/web-push"
 format = "web-push"
 app_id = "{app_id}"
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _h(title: str) -> None:
@@ -167,7 +159,7 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
     print("Starting an embedded Kafka-protocol broker (librdkafka mock cluster, 3 brokers)...")
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         print(f"  bootstrap: {broker.bootstrap_servers}")
-        port = _free_port()
+        port = free_port()
         cfg_path = Path(tmp) / "gateway.toml"
         cfg_path.write_text(
             CONFIG.format(

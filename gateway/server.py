@@ -22,6 +22,7 @@ __all__ = [
     "GatewayServer",
     "ServerThread",
     "bind_socket",
+    "free_port",
     "uvicorn_config",
     "uvicorn_options",
     "worker_app",
@@ -78,6 +79,14 @@ class GatewayServer(uvicorn.Server):
 
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host`` (for the demo and tests, which start servers)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from kafka import KafkaConsumer, TopicPartition
 from gateway import samples
 from gateway.embedded_broker import API_VERSION
 from gateway.records import header
+from gateway.server import free_port
 
 from .ingress_helpers import EU_WEST4, ROTATED, SECRET
 
@@ -86,13 +86,6 @@ def gateway_toml(bootstrap: str, prefix: str, **sections: Mapping[str, Any]) -> 
         'secrets_env = "T_SECRETS"',
     ]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class GatewayProcess:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import threading
 import time
 import uuid
@@ -39,6 +38,7 @@ from gateway.embedded_broker import API_VERSION, EmbeddedBroker
 from gateway.fake_onesignal import FakeOneSignal
 from gateway.metrics import IngressMetrics
 from gateway.ranges import ONESIGNAL_PUBLISHED, fetch_cloud_json, load_snapshot
+from gateway.server import free_port
 
 from .conftest import KAFKA_API_VERSION, read_topic, unique
 from .ingress_helpers import EU_WEST4, SECRET, gateway_config, post, running_gateway
@@ -439,7 +439,7 @@ def test_replay_stops_at_once_when_no_broker_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("T_SECRETS", SECRET)
-    closed = f"127.0.0.1:{_free_port()}"
+    closed = f"127.0.0.1:{free_port()}"
     path = _toml_config(tmp_path / "gw.toml", closed, unique("replay"))
     started = time.monotonic()
     assert cli.main(["replay", "--config", str(path)]) == 1
@@ -567,13 +567,6 @@ api_key_env = "T_APP_KEY"
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.timeout(40)
 def test_check_config_passes_against_the_broker_without_printing_secrets(
     broker: EmbeddedBroker,
@@ -622,7 +615,7 @@ def test_check_config_fails_on_an_unreachable_bootstrap(
 ) -> None:
     monkeypatch.setenv("T_STREAM_SECRETS", STREAM_SECRET)
     monkeypatch.setenv("T_APP_KEY", APP_KEY)
-    closed = f"127.0.0.1:{_free_port()}"
+    closed = f"127.0.0.1:{free_port()}"
     path = _check_config_file(tmp_path / "gw.toml", closed, "http://127.0.0.1:9")
     started = time.monotonic()
     assert cli.main(["check-config", "--config", str(path)]) == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,10 @@ import pytest
 from gateway import samples
 from gateway.embedded_broker import API_VERSION, EmbeddedBroker
 from gateway.records import header
+from gateway.server import free_port
 
 from .conftest import read_topic, unique
 from .ingress_helpers import EU_WEST4, SECRET, post
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -34,7 +27,7 @@ def test_serve_accepts_events_and_stops_cleanly_on_sigterm(
     broker: EmbeddedBroker, tmp_path: Path, workers: int
 ) -> None:
     prefix = unique("serve")
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(
         f"""
