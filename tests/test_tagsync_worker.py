@@ -473,7 +473,9 @@ def test_kill9_replays_and_sigterm_commits(
     broker: EmbeddedBroker, fake: FakeOneSignal, tmp_path: Path
 ) -> None:
     topic, group = unique("ts-crash"), unique("g")
-    data = config_data(broker, fake, topic, group, flush_interval_s=0.2)
+    # 20 requests/s for the app: a wave of 40 users takes 2 s, so the kill below lands in the
+    # middle of one (a fast worker and fake would otherwise finish a wave within milliseconds)
+    data = config_data(broker, fake, topic, group, flush_interval_s=0.2, app_rate_limit=20)
     path = write_config(tmp_path, data)
     log = tmp_path / "worker.log"
     users, waves = 40, 6

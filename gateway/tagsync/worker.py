@@ -58,8 +58,16 @@ __all__ = ["DeadLetterWriter", "TagSyncWorker", "run_tag_sync"]
 
 log = logging.getLogger("gateway.tagsync.worker")
 
-COMMIT_INTERVAL_S = 0.5
+# One event's update for the sink: (user, tags, (event time, offset), where it came from).
+Update = tuple[Alias, Mapping[str, TagValue], tuple[float, int], SourceRef]
+
+COMMIT_INTERVAL_S = 0.2
 POLL_TIMEOUT_MS = 100
+# Pause the partitions above this many consumed-but-not-done events (resume below half).
+# Merging needs read-ahead: a user's events can only fold into one request if they are all
+# pending by the time the user's turn comes, and a backlog waits for the app's rate anyway.
+# ~200 bytes each (offset, source ref, a share of the user's merged tags): 100k is ~20 MB.
+PAUSE_ABOVE_EVENTS = 100_000
 MAX_DLT_BODY = 1000
 
 
@@ -215,7 +223,7 @@ class Sink:
         settings: SinkSettings,
         make_sender: Callable[[], UpdateSender],
         dead_letters: DeadLetterWriter,
-        done: queue.SimpleQueue[SourceRef],
+        done: queue.SimpleQueue[Sequence[SourceRef]],
         rng: random.Random | None = None,
     ) -> None:
         self.s = settings
@@ -248,8 +256,12 @@ class Sink:
     def submit(
         self, alias: Alias, tags: Mapping[str, TagValue], order: tuple[float, int], src: SourceRef
     ) -> None:
+        self.submit_many([(alias, tags, order, src)])
+
+    def submit_many(self, updates: Sequence[Update]) -> None:
+        """Many events' updates in one hand-over (one loop wake-up per poll, not per event)."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._accept, alias, tags, order, src)
+        self._loop.call_soon_threadsafe(self._accept_many, updates)
 
     def submit_dead_letter(self, record: KafkaRecord, reason: str, src: SourceRef) -> None:
         assert self._loop is not None
@@ -339,22 +351,28 @@ class Sink:
         assert self._wake is not None
         self._wake.set()
 
-    def _accept(
-        self, alias: Alias, tags: Mapping[str, TagValue], order: tuple[float, int], src: SourceRef
-    ) -> None:
-        result = self._coalescer.add(alias, tags, order, src, time.monotonic())
-        if result.superseded:
-            m.COALESCED.inc(result.superseded)
-        if not result.attached:
-            m.SKIPPED.labels("superseded").inc()
-            self._done.put(src)
+    def _accept_many(self, updates: Sequence[Update]) -> None:
+        now = time.monotonic()
+        add = self._coalescer.add
+        superseded = 0
+        dropped: list[SourceRef] = []
+        for alias, tags, order, src in updates:
+            result = add(alias, tags, order, src, now)
+            superseded += result.superseded
+            if not result.attached:
+                dropped.append(src)
+        if superseded:
+            m.COALESCED.inc(superseded)
+        if dropped:
+            m.SKIPPED.labels("superseded").inc(len(dropped))
+            self._done.put(dropped)
         assert self._wake is not None
         self._wake.set()
 
     def _accept_dead_letter(self, record: KafkaRecord, reason: str, src: SourceRef) -> None:
         async def write() -> None:
             await self._write_dead_letter(record, reason)
-            self._done.put(src)
+            self._done.put((src,))
 
         self._spawn(write())
 
@@ -374,8 +392,7 @@ class Sink:
         try:
             for chunk in batch.chunks:
                 await self._deliver(batch, chunk)
-            for src in batch.sources:
-                self._done.put(src)
+            self._done.put(batch.sources)
         finally:
             self._coalescer.finish(batch.alias, time.monotonic())
 
@@ -554,15 +571,16 @@ class TagSyncWorker:
         self._out = out
         self._lock = threading.Lock()
         self._tracker = OffsetTracker()
-        self._done: queue.SimpleQueue[SourceRef] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[Sequence[SourceRef]] = queue.SimpleQueue()
         self._done_upto: dict[TopicPartition, int] = {}
+        self._pending_dead_letters: list[tuple[KafkaRecord, str, SourceRef]] = []
         self._committed: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
         self._paused = False
         self.consumer: Any = None
         self.producer: Any = None
         self.sink: Sink | None = None
-        high = max(1000, 4 * self.ts.max_poll_records)
+        high = max(PAUSE_ABOVE_EVENTS, 4 * self.ts.max_poll_records)
         self._pause_above = high
         self._resume_below = high // 2
 
@@ -645,9 +663,30 @@ class TagSyncWorker:
             self._maybe_commit()
             self._flow_control()
             polled = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
-            for tp, records in polled.items():
-                for record in records:
-                    self._handle(tp, record)
+            if polled:
+                self._handle_polled(polled)
+
+    def _handle_polled(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Track every offset first (under one lock), then hand the updates over at once."""
+        assert self.sink is not None
+        updates: list[Update] = []
+        tracked: list[tuple[TopicPartition, int, bool]] = []
+        for tp, records in polled.items():
+            m.EVENTS.labels(tp.topic).inc(len(records))
+            for record in records:
+                update = self._handle(tp, record, tracked)
+                if update is not None:
+                    updates.append(update)
+        with self._lock:
+            add = self._tracker.add
+            for tp, offset, done in tracked:
+                add(tp, offset, done=done)
+        if updates:
+            self.sink.submit_many(updates)
+        # dead letters go after the tracking above: their completion must find the offset
+        for record, reason, src in self._pending_dead_letters:
+            self.sink.submit_dead_letter(record, reason, src)
+        self._pending_dead_letters.clear()
 
     def _shutdown(self) -> None:
         log.info("tag sync stopping")
@@ -666,10 +705,10 @@ class TagSyncWorker:
 
     # -- records ------------------------------------------------------------------------------
 
-    def _handle(self, tp: TopicPartition, record: Any) -> None:
-        assert self.sink is not None
-        src = SourceRef(tp.topic, tp.partition, record.offset)
-        m.EVENTS.labels(tp.topic).inc()
+    def _handle(
+        self, tp: TopicPartition, record: Any, tracked: list[tuple[TopicPartition, int, bool]]
+    ) -> Update | None:
+        """Decode, derive and route one record; its offset goes to ``tracked`` (done or not)."""
         try:
             _, event = decode_record(record.headers or [], record.value)
         except ValueError as exc:
@@ -683,57 +722,53 @@ class TagSyncWorker:
                     "error": str(exc)[:200],
                 },
             )
-            self._track(tp, record.offset, done=True)
-            return
+            tracked.append((tp, record.offset, True))
+            return None
         derivation = derive(self.rules, event)
         for skip in derivation.skipped:
             m.TEMPLATE_MISSING.labels(skip.rule_key).inc()
             log.debug("tag skipped", extra={"rule": skip.rule_key, "missing_field": skip.field})
         if not derivation.tags:
             m.SKIPPED.labels("no-rule" if not derivation.matched else "no-tags").inc()
-            self._track(tp, record.offset, done=True)
-            return
+            tracked.append((tp, record.offset, True))
+            return None
         app_id = event.get("app_id")
+        src = SourceRef(tp.topic, tp.partition, record.offset)
         if not isinstance(app_id, str) or app_id not in self.keys:
             reason = "unknown-app" if app_id not in self.known_apps else "no-api-key"
-            self._track(tp, record.offset)
-            self.sink.submit_dead_letter(
-                record_dead_letter(
-                    self.ts.dead_letter_topic,
-                    reason=reason,
-                    detail=f"no OneSignal app with an API key is configured for app_id {app_id!r}",
-                    source=src,
-                    key=record.key,
-                    value=record.value,
-                    headers=record.headers or [],
-                ),
-                reason,
-                src,
+            tracked.append((tp, record.offset, False))
+            dead = record_dead_letter(
+                self.ts.dead_letter_topic,
+                reason=reason,
+                detail=f"no OneSignal app with an API key is configured for app_id {app_id!r}",
+                source=src,
+                key=record.key,
+                value=record.value,
+                headers=record.headers or [],
             )
-            return
+            self._pending_dead_letters.append((dead, reason, src))
+            return None
         alias = resolve_alias(event, self.ts.alias_label)
         if alias is None:
             m.SKIPPED.labels("no-alias").inc()
-            self._track(tp, record.offset, done=True)
-            return
+            tracked.append((tp, record.offset, True))
+            return None
         m.DERIVED.inc(len(derivation.tags))
-        self._track(tp, record.offset)
-        self.sink.submit(alias, derivation.tags, (event_order(event), record.offset), src)
+        tracked.append((tp, record.offset, False))
+        return (alias, derivation.tags, (event_order(event), record.offset), src)
 
     # -- offsets ------------------------------------------------------------------------------
 
-    def _track(self, tp: TopicPartition, offset: int, *, done: bool = False) -> None:
-        with self._lock:
-            self._tracker.add(tp, offset, done=done)
-
     def _collect_done(self) -> None:
         with self._lock:
+            mark = self._tracker.mark_done
             while True:
                 try:
-                    src = self._done.get_nowait()
+                    sources = self._done.get_nowait()
                 except queue.Empty:
                     break
-                self._tracker.mark_done(TopicPartition(src.topic, src.partition), src.offset)
+                for src in sources:
+                    mark(TopicPartition(src.topic, src.partition), src.offset)
             for tp in self._tracker.partitions():
                 upto = self._tracker.committable(tp)
                 if upto is not None:
