@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -295,3 +296,53 @@ def test_committed_offset_never_passes_an_unfinished_event(order: list[int], k: 
         expected += 1
     assert (best or 0) == expected
     assert all(o in finished for o in range(best or 0))
+
+
+class _ReferenceAppLimiter:
+    """The earlier AppLimiter window (a list of slots, filtered and sorted on every call)."""
+
+    def __init__(self, rate: float) -> None:
+        self.n = max(1, math.floor(rate))
+        self.window = self.n / rate
+        self.slots: list[list[float]] = []
+
+    def reserve(self, now: float) -> list[float] | float:
+        self.slots = [s for s in self.slots if s[0] > now - self.window]
+        if len(self.slots) < self.n:
+            slot = [math.inf]
+            self.slots.append(slot)
+            return slot
+        times = sorted(s[0] for s in self.slots)
+        free_at = times[len(times) - self.n] + self.window
+        return max(1e-3, min(free_at - now, 0.05) if math.isinf(free_at) else free_at - now)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rate=st.sampled_from([0.5, 1.0, 3.0, 20.0, 57.5]),
+    steps=st.lists(
+        st.tuples(st.floats(0, 0.3, allow_nan=False), st.booleans(), st.integers(0, 50)),
+        min_size=1,
+        max_size=200,
+    ),
+)
+def test_app_limiter_answers_as_the_reference_window(
+    rate: float, steps: list[tuple[float, bool, int]]
+) -> None:
+    """Same grants and waits as the straightforward window, answers in any order."""
+    fast, ref = AppLimiter(rate), _ReferenceAppLimiter(rate)
+    now = 0.0
+    out: list[tuple[Slot, list[float]]] = []
+    for dt, answer, which in steps:
+        now += dt
+        if answer and out:
+            a, b = out.pop(which % len(out))
+            fast.release(a, now)
+            b[0] = now
+            continue
+        got, want = fast.reserve(now), ref.reserve(now)
+        if isinstance(want, float):
+            assert isinstance(got, float) and got == pytest.approx(want)
+        else:
+            assert not isinstance(got, float)
+            out.append((got, want))

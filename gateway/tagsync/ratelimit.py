@@ -17,6 +17,7 @@ saw the request somewhere in between, so the limits hold at the server whatever 
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Hashable
@@ -104,7 +105,10 @@ class AppLimiter:
         self.factor = 1.0
         self.blocked_until = 0.0
         self._last_cut = -math.inf
-        self._slots: list[list[float]] = []  # [time]; inf while the request is in flight
+        # When the requests of the last window were answered (sorted), and how many are out.
+        # (A list rebuilt and sorted per call was O(n log n) for every wait of every request.)
+        self._answered: list[float] = []
+        self._in_flight = 0
 
     @property
     def allowance(self) -> int:
@@ -115,20 +119,28 @@ class AppLimiter:
         """A :class:`Slot` (send now, then :meth:`release` it), or seconds to wait."""
         if now < self.blocked_until:
             return self.blocked_until - now
-        self._slots = [s for s in self._slots if s[0] > now - self.window]
+        answered = self._answered
+        expired = bisect.bisect_right(answered, now - self.window)
+        if expired:
+            del answered[:expired]
         allowance = self.allowance
-        if len(self._slots) < allowance:
+        taken = len(answered) + self._in_flight
+        if taken < allowance:
+            self._in_flight += 1
             slot: Slot = [math.inf]
-            self._slots.append(slot)
             return slot
-        # The (len - allowance + 1)-th earliest must leave the window first.
-        times = sorted(s[0] for s in self._slots)
-        free_at = times[len(times) - allowance] + self.window
-        # In flight (inf): look again soon; release() comes with the response.
-        return max(1e-3, min(free_at - now, 0.05) if math.isinf(free_at) else free_at - now)
+        # The (taken - allowance + 1)-th earliest must leave the window first; in-flight
+        # requests count as latest (their answer is still to come).
+        k = taken - allowance
+        if k < len(answered):
+            return max(1e-3, answered[k] + self.window - now)
+        return 0.05  # only in-flight requests would free a place: look again soon
 
     def release(self, slot: Slot, now: float) -> None:
         """The response for ``slot`` came at ``now``."""
+        if math.isinf(slot[0]):
+            self._in_flight -= 1
+            bisect.insort(self._answered, now)
         slot[0] = now
 
     def throttle(self, now: float, pause_s: float) -> None:
