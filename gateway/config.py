@@ -233,6 +233,7 @@ class TagSyncConfig:
     dead_letter_topic: str = "onesignal.tag-sync.dead-letter"
     delete_value: str = ""
     max_poll_records: int = 500
+    max_pending_events: int = 100_000
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 2000
     group_instance_id: str = ""
@@ -595,6 +596,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         ),
         delete_value=ts.text("delete_value", "", ("", "null")),
         max_poll_records=ts.integer("max_poll_records", 500, minimum=1),
+        max_pending_events=ts.integer("max_pending_events", 100_000, minimum=1),
         session_timeout_ms=ts.integer("session_timeout_ms", 10000, minimum=1000),
         heartbeat_interval_ms=ts.integer("heartbeat_interval_ms", 2000, minimum=100),
         group_instance_id=ts.text("group_instance_id", "").replace(

@@ -9,7 +9,6 @@ back as a :class:`Response` with ``status=None`` so every outcome is plain data.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 import sys
 import time
@@ -40,12 +39,6 @@ MAX_BODY_KEPT = 2000
 # it assigns (and counts idle ones once per connection: O(n^2)); with 64 connections in one
 # pool that was ~5 ms of CPU per request. Several small pools cost the same sockets.
 CONNECTIONS_PER_POOL = 4
-
-if importlib.util.find_spec("sniffio") is None:  # pragma: no branch
-    # httpcore tries ``import sniffio`` several times per request and falls back to asyncio
-    # when it is missing; a failed import walks sys.path again every time (~45 µs each).
-    # None in sys.modules makes the same ImportError immediate.
-    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

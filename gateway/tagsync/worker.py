@@ -63,11 +63,6 @@ Update = tuple[Alias, Mapping[str, TagValue], tuple[float, int], SourceRef]
 
 COMMIT_INTERVAL_S = 0.2
 POLL_TIMEOUT_MS = 100
-# Pause the partitions above this many consumed-but-not-done events (resume below half).
-# Merging needs read-ahead: a user's events can only fold into one request if they are all
-# pending by the time the user's turn comes, and a backlog waits for the app's rate anyway.
-# ~200 bytes each (offset, source ref, a share of the user's merged tags): 100k is ~20 MB.
-PAUSE_ABOVE_EVENTS = 100_000
 MAX_DLT_BODY = 1000
 
 
@@ -580,7 +575,11 @@ class TagSyncWorker:
         self.consumer: Any = None
         self.producer: Any = None
         self.sink: Sink | None = None
-        high = max(PAUSE_ABOVE_EVENTS, 4 * self.ts.max_poll_records)
+        # Pause above this many consumed-but-not-done events (resume below half). Merging needs
+        # read-ahead: a user's events fold into one request only if they are all pending when
+        # the user's turn comes, and a backlog waits for the app's rate anyway. About 200 bytes
+        # each (offset, source ref, a share of the merged tags): 100k is ~20 MB.
+        high = max(self.ts.max_pending_events, 4 * self.ts.max_poll_records)
         self._pause_above = high
         self._resume_below = high // 2
 
