@@ -152,3 +152,14 @@ def test_load_config_reports_unreadable_and_invalid_files(tmp_path: Path) -> Non
     bad.write_text("[server\nport = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_an_empty_file_gives_the_dataclass_defaults() -> None:
+    # each default is written twice (the dataclass and its reader): they must not drift apart
+    cfg = parse_config({}, env={})
+    assert cfg.server == ServerConfig()
+    assert cfg.allowlist == AllowlistConfig()
+    assert cfg.kafka == KafkaConfig()
+    assert cfg.dedupe == DedupeConfig()
+    assert cfg.onesignal == OneSignalConfig()
+    assert cfg.tag_sync == TagSyncConfig()
