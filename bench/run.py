@@ -97,8 +97,7 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 15.0) ->
         proc.wait(10)
 
 
-def read_status_kb(pid: int, key: str) -> int:
-    """A ``/proc/<pid>/status`` figure in kB (VmRSS, VmHWM), 0 once the process is gone."""
+def _one_status_kb(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -107,6 +106,32 @@ def read_status_kb(pid: int, key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (uvicorn's worker processes when ``--workers`` > 1)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(parents.get(p, ()))
+    return tree
+
+
+def read_status_kb(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` figure in kB (VmRSS, VmHWM), summed over the process and its
+    worker processes; 0 once the process is gone."""
+    return sum(_one_status_kb(p, key) for p in _process_tree(pid))
 
 
 class RssSampler:
@@ -281,14 +306,19 @@ class Load:
 # the servers
 
 
-def write_config(workdir: Path, bootstrap: str) -> Path:
-    """The gateway's config for the run: real verification, dedupe on, loopback only."""
+def write_config(workdir: Path, bootstrap: str, workers: int = 1) -> Path:
+    """The gateway's config for the run: real verification, dedupe on, loopback only.
+
+    The bare and naive servers read the same ``[server]`` settings, ``workers`` included, so
+    every HTTP target runs with the same number of processes.
+    """
     path = workdir / "gateway.toml"
     path.write_text(
         f"""
 [server]
 host = "127.0.0.1"
 port = 0
+workers = {workers}
 trusted_proxies = ["127.0.0.1/32"]
 proxy_header = "x-forwarded-for"
 log_level = "warning"
@@ -924,6 +954,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str,
     print(
         f"loopback, wrk -t{WRK_THREADS} -c{args.connections} -d{args.duration:g}s after "
         f"{args.warmup:g}s warm-up, body {results['body_bytes']} B, "
+        f"{args.workers} uvicorn worker(s) per HTTP target, "
         f"{os.cpu_count()} CPUs shared (absolute figures are noisy; read the ratios)"
     )
     print(f"{'target':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'peak RSS':>10}")
@@ -1094,6 +1125,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes for every HTTP target (bare, naive, ours) alike",
+    )
+    p.add_argument(
         "--soak",
         type=float,
         default=0.0,
@@ -1151,7 +1188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if needs_broker:
             broker = st.enter_context(EmbeddedBroker())
             bootstrap = broker.bootstrap_servers
-        config = write_config(workdir, bootstrap or "127.0.0.1:9")
+        config = write_config(workdir, bootstrap or "127.0.0.1:9", args.workers)
         for target in args.targets:
             print(f"-- {target}", flush=True)
             try:

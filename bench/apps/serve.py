@@ -13,7 +13,7 @@ import importlib
 import uvicorn
 
 from gateway.config import load_config
-from gateway.server import uvicorn_config
+from gateway.server import uvicorn_config, uvicorn_options
 
 
 def main() -> None:
@@ -25,6 +25,10 @@ def main() -> None:
     module, _, attr = args.app.partition(":")
     app = getattr(importlib.import_module(module), attr)
     config = load_config(args.config)
+    if config.server.workers > 1:
+        # worker processes import the app themselves, as `gateway serve` does
+        uvicorn.run(args.app, **uvicorn_options(config, host="127.0.0.1", port=args.port))
+        return
     uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=args.port)).run()
 
 
