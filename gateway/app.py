@@ -409,7 +409,6 @@ class _Ingress:
     def __init__(self, fallback: Starlette, routes: dict[str, _SourceRoute]) -> None:
         self.fallback = fallback
         self.routes = routes
-        self.state = fallback.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -507,5 +506,4 @@ def create_app(
         ],
         lifespan=lifespan,
     )
-    fallback.state.gateway = gw
     return _Ingress(fallback, {s.path: _SourceRoute(gw, s) for s in config.sources})

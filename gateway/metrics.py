@@ -73,7 +73,7 @@ class IngressMetrics:
         )
         self.in_flight = Gauge(
             "gateway_kafka_in_flight_records",
-            "Records sent to the producer and not yet acknowledged or failed.",
+            "Records sent to the producer and not yet acknowledged or failed (read at scrape).",
             registry=r,
         )
         self.dedupe_entries = Gauge(

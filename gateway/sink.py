@@ -240,7 +240,6 @@ class KafkaSink:
                 self._in_flight += 1
         if full:
             self._fail("backpressure", f"{self.cfg.max_in_flight} records await Kafka already")
-        self.metrics.in_flight.set(self._in_flight)
         fut: asyncio.Future[PublishResult] = loop.create_future()
         started = time.perf_counter()
         try:
@@ -298,7 +297,6 @@ class KafkaSink:
 
     def _drain(self) -> None:
         self._wake_pending = False
-        self.metrics.in_flight.set(self._in_flight)
         while self._done:
             fut, value, ok = self._done.popleft()
             if fut.done():
