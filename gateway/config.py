@@ -8,6 +8,7 @@ held in :class:`Secret`, whose ``repr`` and ``str`` never show them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -637,14 +638,4 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
-    cfg = parse_config(data, env)
-    return Config(
-        server=cfg.server,
-        allowlist=cfg.allowlist,
-        kafka=cfg.kafka,
-        dedupe=cfg.dedupe,
-        sources=cfg.sources,
-        onesignal=cfg.onesignal,
-        tag_sync=cfg.tag_sync,
-        path=str(p),
-    )
+    return dataclasses.replace(parse_config(data, env), path=str(p))
