@@ -392,6 +392,22 @@ class _Node:
     value: Any
 
 
+# Fields whose value may be an object: the rest take scalars only.
+_OBJECT_FIELDS: Final = frozenset({"tags", "message_title", "message_contents"})
+
+
+def _fits(name: str, value: Any) -> bool:
+    """Whether a present value could be ``name``'s value at all.
+
+    No canonical field is a boolean, and only tags and the title/contents hashes are objects.
+    A value that cannot be the field must not shadow one that can: otherwise which of two
+    equally good candidates wins would depend on the order of the body's keys.
+    """
+    if isinstance(value, bool):
+        return False
+    return name in _OBJECT_FIELDS or not isinstance(value, dict | list)
+
+
 def _inside_tags(path: tuple[str, ...]) -> bool:
     """Whether a member sits inside a tags object (``user.tags.x``, ``{"tags": {"x": ..}}``).
 
@@ -431,13 +447,14 @@ class _Index:
         for node in nodes:
             self.by_last.setdefault(node.path[-1], []).append(node)
 
-    def find(self, candidates: tuple[tuple[str, ...], ...]) -> Any:
+    def find(self, name: str, candidates: tuple[tuple[str, ...], ...]) -> Any:
         """The first present value: candidates in order, shortest matching path first."""
         for cand in candidates:
             for node in self.by_last.get(cand[-1], ()):
                 if (
                     node.path[-len(cand) :] == cand
                     and _present(node.value)
+                    and _fits(name, node.value)
                     and not _inside_tags(node.path)
                 ):
                     return node.value
@@ -460,7 +477,7 @@ class _Index:
 def _liquid_fields_by_index(payload: dict[Any, Any]) -> dict[str, Any]:
     """What :func:`_liquid_fields` finds, the slow and obvious way."""
     index = _Index(payload)
-    found = {name: index.find(paths) for name, paths in _CANDIDATE_PATHS.items()}
+    found = {name: index.find(name, paths) for name, paths in _CANDIDATE_PATHS.items()}
     tags = _tags(found["tags"]) if found["tags"] is not None else None
     flat_tags = index.children(_USER_TAGS)  # {"user.tags.plan": ..} in Journey bodies
     if flat_tags or tags:
@@ -578,7 +595,7 @@ def _liquid_fields(payload: dict[Any, Any]) -> dict[str, Any]:
             ):
                 for name, score in member.matches:
                     held = best.get(name)
-                    if held is None or score < held[0]:
+                    if (held is None or score < held[0]) and _fits(name, value):
                         best[name] = (score, value)
                 if member.child_of == _DATA_CHILD:
                     data_members.append((len(member.path), member.key, value))

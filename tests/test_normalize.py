@@ -1119,3 +1119,14 @@ def test_tags_never_stand_in_for_fields_the_template_left_out(layout: str) -> No
     with pytest.raises(NormalizationError) as info:
         normalize(kindless, fmt="event-stream")
     assert info.value.reason == "no-kind"
+
+
+def test_a_value_that_cannot_be_the_field_does_not_shadow_one_that_can() -> None:
+    # found by hypothesis: two equally deep candidates, the first unusable (a boolean, an
+    # object) decided by key order whether the event had an id at all
+    for unusable in (False, {}, [1]):
+        payload = {"a": {"EVENT.ID": unusable}, "b": {"EVENT.ID": 0}, "user.external_id": "x"}
+        swapped = {"user.external_id": "x", "b": payload["b"], "a": payload["a"]}
+        for body in (payload, swapped):
+            event = normalize(body, fmt="journey")
+            assert (event.id, event.id_from_payload) == ("0", True)
