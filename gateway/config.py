@@ -228,6 +228,7 @@ class TagSyncConfig:
     app_rate_limit: float = 500.0
     max_concurrency: int = 64
     max_attempts: int = 8
+    http_client: str = "auto"
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
     max_retry_elapsed_s: float = 900.0
@@ -589,6 +590,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         max_concurrency=ts.integer("max_concurrency", 64, minimum=1),
         max_attempts=ts.integer("max_attempts", 8, minimum=1),
         backoff_base_s=ts.number("backoff_base_s", 1.0, minimum=0),
+        http_client=ts.text("http_client", "auto", ("auto", "httpx")),
         backoff_cap_s=ts.number("backoff_cap_s", 60.0, minimum=0),
         max_retry_elapsed_s=ts.number("max_retry_elapsed_s", 900.0, minimum=0),
         dead_letter_topic=_topic_ok(

@@ -1,9 +1,12 @@
 """The OneSignal sink: ``PATCH /apps/{app_id}/users/by/{alias_label}/{alias_id}``.
 
-One narrow interface (:class:`UpdateSender`) with two implementations: :class:`OneSignalClient`
-(httpx, real HTTP) and :class:`DryRunSender` (prints what it would send). Neither retries:
-classification and backoff belong to the worker, with the rate limits. Transport errors come
-back as a :class:`Response` with ``status=None`` so every outcome is plain data.
+One narrow interface (:class:`UpdateSender`) with three implementations:
+:class:`gateway.tagsync.http1.Http1Client` (a lean HTTP/1.1 client, what the worker uses),
+:class:`OneSignalClient` (httpx: through an environment proxy, or by
+``tag_sync.http_client = "httpx"``) and :class:`DryRunSender` (prints what it would send).
+None retries: classification and backoff belong to the worker, with the rate limits.
+Transport errors come back as a :class:`Response` with ``status=None`` so every outcome is
+plain data.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import httpx
 import orjson
@@ -29,6 +33,7 @@ __all__ = [
     "OneSignalClient",
     "Response",
     "UpdateSender",
+    "env_proxy_for",
     "update_body",
     "update_url",
 ]
@@ -64,6 +69,17 @@ def update_body(tags: Mapping[str, TagValue], delete_value: str = "") -> dict[st
     """``{"properties": {"tags": ...}}``; a deletion is "" (documented) or null (SDK style)."""
     deleted: str | None = None if delete_value == "null" else ""
     return {"properties": {"tags": {k: (deleted if v is None else v) for k, v in tags.items()}}}
+
+
+def env_proxy_for(url: str) -> str | None:
+    """The proxy the environment sets for ``url`` (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, in
+    either case, unless NO_PROXY names the host), or None."""
+    parts = urlsplit(url)
+    proxies = getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or (parts.hostname and proxy_bypass(parts.hostname)):
+        return None
+    return proxy
 
 
 class UpdateSender(Protocol):

@@ -8,7 +8,7 @@ Two threads, each owning its state:
   OneSignal: when too much is pending it pauses its partitions and keeps polling, so the
   group never sees it miss ``max_poll_interval_ms``.
 - the *sink* (an asyncio loop in a thread) merges updates per user within the flush
-  window, waits for the user's and the app's rate limits, sends with httpx, retries with
+  window, waits for the user's and the app's rate limits, sends (:mod:`.http1`), retries with
   backoff, dead-letters what cannot succeed, and reports each event's offset back as done.
 
 An event is done when every request carrying its tags succeeded or was dead-lettered (or when
@@ -41,8 +41,17 @@ from gateway.config import Config, ConfigError, Secret, TagSyncConfig
 from gateway.records import KafkaRecord, decode_record
 
 from . import metrics as m
-from .client import DryRunSender, OneSignalClient, Response, UpdateSender, update_body, update_url
+from .client import (
+    DryRunSender,
+    OneSignalClient,
+    Response,
+    UpdateSender,
+    env_proxy_for,
+    update_body,
+    update_url,
+)
 from .coalesce import Batch, Coalescer, OffsetTracker, SourceRef
+from .http1 import Http1Client
 from .ratelimit import (
     AppLimiter,
     Outcome,
@@ -645,8 +654,21 @@ class TagSyncWorker:
             return DryRunSender(
                 self.cfg.onesignal.api_url, delete_value=self.ts.delete_value, out=self._out
             )
-        return OneSignalClient(
-            self.cfg.onesignal.api_url,
+        api_url = self.cfg.onesignal.api_url
+        proxy = env_proxy_for(api_url)
+        if self.ts.http_client == "httpx" or proxy is not None:
+            # httpx speaks to proxies (CONNECT for https); the lean client does not
+            if proxy is not None:
+                log.info("an environment proxy applies to onesignal.api_url: using httpx")
+            return OneSignalClient(
+                api_url,
+                self.keys,
+                timeout_s=self.cfg.onesignal.timeout_s,
+                max_connections=self.ts.max_concurrency,
+                delete_value=self.ts.delete_value,
+            )
+        return Http1Client(
+            api_url,
             self.keys,
             timeout_s=self.cfg.onesignal.timeout_s,
             max_connections=self.ts.max_concurrency,
