@@ -453,7 +453,8 @@ def profile(srv: Server, load: Load, args: argparse.Namespace) -> dict[str, Any]
     raw = RESULTS / "ours-profile.txt"
     duration = max(2, round(args.duration))
     cmd = [spy, "record", "-p", str(srv.proc.pid), "-r", "200", "-d", str(duration)]
-    cmd += ["-f", "raw", "--threads", "--nonblocking", "-o", str(raw)]
+    # --subprocesses: the producer process (kafka.producer = "process") is sampled too
+    cmd += ["-f", "raw", "--threads", "--subprocesses", "--nonblocking", "-o", str(raw)]
     spy_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         time.sleep(0.5)
@@ -482,6 +483,12 @@ def summarize(raw: Path, top: int = 20) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = stack.split(";")
+        procs = 0
+        while procs < len(frames) - 1 and frames[procs].startswith("process "):
+            procs += 1  # --subprocesses: a child's stack starts with its parents' labels
+        if procs:
+            owner = "producer process" if "producer_process" in frames[procs - 1] else "gateway"
+            frames = [f"{owner}: {frames[procs]}", *frames[procs + 1 :]]
         thread, frames = frames[0], [_LINE_NO.sub(")", f) for f in frames[1:]]
         total += count
         threads[thread] += count

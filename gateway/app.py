@@ -39,7 +39,7 @@ from .metrics import IngressMetrics
 from .openapi import openapi_document
 from .parsing import BadRequest, decode_body
 from .records import KafkaRecord, build_dead_letter, build_record
-from .sink import KafkaSink, PublishResult, Unavailable
+from .sink import PublishResult, SinkBase, Unavailable, create_sink
 
 __all__ = ["Gateway", "create_app"]
 
@@ -95,7 +95,7 @@ class Gateway:
     """What the routes share: config, the sink, the allowlist, metrics, the dedupe window."""
 
     config: Config
-    sink: KafkaSink
+    sink: SinkBase
     allowlist: ranges.Allowlist
     metrics: IngressMetrics
     clock: Callable[[], float] = time.time
@@ -424,7 +424,7 @@ def create_app(
     *,
     metrics: IngressMetrics | None = None,
     allowlist: ranges.Allowlist | None = None,
-    sink: KafkaSink | None = None,
+    sink: SinkBase | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ASGIApp:
     """The ingress ASGI app. The sink connects in the app's lifespan."""
@@ -436,7 +436,7 @@ def create_app(
             + [config.kafka.dead_letter_topic]
         )
     )
-    sink = sink or KafkaSink(config.kafka, metrics, warm_topics=warm)
+    sink = sink or create_sink(config.kafka, metrics, warm_topics=warm)
     gw = Gateway(config=config, sink=sink, allowlist=allowlist, metrics=metrics, clock=clock)
     metrics.allowlist_ranges.set(allowlist.size)
 

@@ -135,6 +135,7 @@ class KafkaConfig:
     dead_letter_topic: str = "onesignal.dead-letter"
     content_mode: str = "binary"
     unknown_kinds: str = "publish"
+    producer: str = "process"
     ack_timeout_s: float = 5.0
     max_in_flight: int = 5000
     retry_after_s: int = 5
@@ -227,8 +228,8 @@ class TagSyncConfig:
     per_user_interval_s: float = 1.0
     app_rate_limit: float = 500.0
     max_concurrency: int = 64
-    max_attempts: int = 8
     http_client: str = "auto"
+    max_attempts: int = 8
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
     max_retry_elapsed_s: float = 900.0
@@ -439,6 +440,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         ),
         content_mode=k.text("content_mode", "binary", ("binary", "structured")),
         unknown_kinds=k.text("unknown_kinds", "publish", ("publish", "dead-letter")),
+        producer=k.text("producer", "process", ("process", "thread")),
         ack_timeout_s=k.number("ack_timeout_s", 5.0, minimum=0.1),
         max_in_flight=k.integer("max_in_flight", 5000, minimum=1),
         retry_after_s=k.integer("retry_after_s", 5, minimum=1),
@@ -588,9 +590,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         per_user_interval_s=ts.number("per_user_interval_s", 1.0, minimum=0),
         app_rate_limit=ts.number("app_rate_limit", 500.0, minimum=0.1),
         max_concurrency=ts.integer("max_concurrency", 64, minimum=1),
+        http_client=ts.text("http_client", "auto", ("auto", "httpx")),
         max_attempts=ts.integer("max_attempts", 8, minimum=1),
         backoff_base_s=ts.number("backoff_base_s", 1.0, minimum=0),
-        http_client=ts.text("http_client", "auto", ("auto", "httpx")),
         backoff_cap_s=ts.number("backoff_cap_s", 60.0, minimum=0),
         max_retry_elapsed_s=ts.number("max_retry_elapsed_s", 900.0, minimum=0),
         dead_letter_topic=_topic_ok(

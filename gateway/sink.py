@@ -1,7 +1,10 @@
 """The Kafka sink: publish a record and wait for the broker's acknowledgement, bounded.
 
-kafka-python's producer is synchronous and its futures complete on its sender thread, so this
-module bridges them to asyncio. Three guarantees the ingress builds on:
+Two implementations share the asyncio side (:class:`SinkBase`): :class:`KafkaSink` runs
+kafka-python's producer in this process and bridges its sender thread's futures to the loop;
+:class:`gateway.producer_process.ProcessSink` runs the producer in a child process of its
+own (``kafka.producer = "process"``, the default), so the Kafka client's Python work does not
+share the GIL with HTTP. Three guarantees the ingress builds on, whichever runs:
 
 - ``publish`` returns only after Kafka acknowledged the record (``acks=all``, idempotent
   producer); otherwise it raises :class:`Unavailable` and the request is answered 503.
@@ -21,6 +24,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from kafka import KafkaProducer
@@ -31,7 +35,7 @@ from .config import KafkaConfig
 from .metrics import IngressMetrics
 from .records import KafkaRecord
 
-__all__ = ["KafkaSink", "PublishResult", "Unavailable"]
+__all__ = ["KafkaSink", "PublishResult", "SinkBase", "Unavailable", "create_sink"]
 
 log = logging.getLogger(__name__)
 
@@ -101,102 +105,122 @@ def producer_options(cfg: KafkaConfig) -> dict[str, Any]:
     return opts
 
 
+class ProducerOpener:
+    """Create the producer, then fetch metadata for every topic we write to; blocking.
+
+    Both retry with backoff until they succeed or ``stop`` is set: until then the sink says
+    not ready and publishes answer 503, and the first send to a topic never waits for its
+    metadata. Runs on a thread (an executor's in this process, its own in a producer process).
+    """
+
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        warm_topics: tuple[str, ...],
+        *,
+        on_producer: Callable[[KafkaProducer], None],
+        on_topic: Callable[[str], None],
+        on_error: Callable[[str], None],
+        stop: threading.Event,
+    ) -> None:
+        self.cfg = cfg
+        self.warm_topics = warm_topics
+        self.on_producer = on_producer
+        self.on_topic = on_topic
+        self.on_error = on_error
+        self.stop = stop
+
+    def run(self) -> None:
+        producer = self._create()
+        if producer is None:
+            return
+        if self.stop.is_set():  # closed while it was being created: nobody will close it
+            producer.close(timeout=0)
+            return
+        self.on_producer(producer)
+        pending = list(self.warm_topics)
+        delay = 0.5
+        while pending and not self.stop.is_set():
+            pending = [t for t in pending if not self._warm(producer, t)]
+            if pending:
+                self.stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _create(self) -> KafkaProducer | None:
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                producer = KafkaProducer(**producer_options(self.cfg))
+            except Exception as exc:  # NoBrokersAvailable, config errors surface here
+                error = f"{type(exc).__name__}: {exc}"
+                self.on_error(error)
+                log.warning("kafka producer not created yet, retrying", extra={"error": error})
+                self.stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+            else:
+                log.info("kafka producer created", extra={"bootstrap": self.cfg.bootstrap_servers})
+                return producer
+        return None
+
+    def _warm(self, producer: KafkaProducer, topic: str) -> bool:
+        try:
+            producer.partitions_for(topic)
+        except KafkaError as exc:
+            self.on_error(f"metadata for {topic}: {type(exc).__name__}")
+            log.warning("metadata warm-up failed", extra={"topic": topic, "error": str(exc)})
+            return False
+        self.on_topic(topic)
+        return True
+
+
+def create_sink(
+    cfg: KafkaConfig, metrics: IngressMetrics, warm_topics: tuple[str, ...] = ()
+) -> SinkBase:
+    """The sink ``kafka.producer`` names: a producer process (default) or this process."""
+    if cfg.producer == "thread":
+        return KafkaSink(cfg, metrics, warm_topics=warm_topics)
+    from .producer_process import ProcessSink
+
+    return ProcessSink(cfg, metrics, warm_topics=warm_topics)
+
+
 def _expire(fut: asyncio.Future[PublishResult]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
 
 
-class KafkaSink:
-    def __init__(
-        self, cfg: KafkaConfig, metrics: IngressMetrics, warm_topics: tuple[str, ...] = ()
-    ):
+class SinkBase:
+    """Admission, the ack deadline, failure accounting and readiness; subclasses move records.
+
+    A subclass implements :meth:`_submit` (hand one record to the producer; its completion
+    later settles ``fut`` on the loop thread), :meth:`start`, :meth:`close`, and says through
+    :meth:`_producer_state` whether a producer exists and has topic metadata.
+    """
+
+    def __init__(self, cfg: KafkaConfig, metrics: IngressMetrics) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.warm_topics = warm_topics
-        self._producer: KafkaProducer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        # completions arrive on the producer's sender thread; they are queued here and drained
-        # on the event loop with one wake-up per batch rather than one per record
-        self._done: collections.deque[tuple[asyncio.Future[PublishResult], Any, bool]] = (
-            collections.deque()
-        )
-        self._wake_pending = False
-        self._known_topics: set[str] = set()
-        self._connect_task: asyncio.Task[None] | None = None
         self._closed = False
         self.last_error: str | None = None
         self.last_ack_at: float | None = None
         self.last_failure_at: float | None = None
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
     async def start(self) -> None:
-        """Create the producer in the background; until it exists, publishes answer 503."""
-        self._loop = asyncio.get_running_loop()
-        self._connect_task = asyncio.create_task(self._connect_forever())
-
-    async def _connect_forever(self) -> None:
-        assert self._loop is not None
-        delay = 0.5
-        while not self._closed and self._producer is None:
-            try:
-                self._producer = await self._loop.run_in_executor(
-                    None, lambda: KafkaProducer(**producer_options(self.cfg))
-                )
-                log.info("kafka producer created", extra={"bootstrap": self.cfg.bootstrap_servers})
-            except Exception as exc:  # NoBrokersAvailable, config errors surface here
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "kafka producer not created yet, retrying", extra={"error": self.last_error}
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        # metadata for every topic we will write to, retried until the broker answers: until
-        # then /readyz says not ready, and the first send to a topic would block on it
-        pending = list(self.warm_topics)
-        delay = 0.5
-        while pending and not self._closed:
-            pending = [t for t in pending if not await self._warm(t)]
-            if pending:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def _warm(self, topic: str) -> bool:
-        """Fetch a topic's metadata off the loop, so later sends never block on it."""
-        assert self._loop is not None and self._producer is not None
-        producer = self._producer
-        try:
-            await self._loop.run_in_executor(None, producer.partitions_for, topic)
-        except KafkaError as exc:
-            self.last_error = f"metadata for {topic}: {type(exc).__name__}"
-            log.warning("metadata warm-up failed", extra={"topic": topic, "error": str(exc)})
-            return False
-        self._known_topics.add(topic)
-        return True
+        raise NotImplementedError
 
     async def close(self, timeout_s: float = 15.0) -> None:
-        """Flush what was sent and close; bounded so a dead broker cannot hold shutdown."""
-        self._closed = True
-        if self._connect_task:
-            self._connect_task.cancel()
-        producer, self._producer = self._producer, None
-        if producer is None or self._loop is None:
-            return
-        pending = self._in_flight
-        try:
-            await self._loop.run_in_executor(None, lambda: producer.close(timeout=timeout_s))
-        except KafkaError as exc:
-            # Records Kafka never acknowledged: every one of their requests was already
-            # answered 503 (an answer waits for its ack), so this is a bounded, expected end.
-            log.warning(
-                "producer closed with records Kafka did not acknowledge; their requests were "
-                "answered 503 and will be retried by the sender",
-                extra={"unacknowledged": pending, "error": f"{type(exc).__name__}: {exc}"},
-            )
+        raise NotImplementedError
 
-    # -- state -------------------------------------------------------------------------------
+    def _producer_state(self) -> tuple[bool, bool]:
+        """(a producer exists, metadata for at least one of our topics was fetched)."""
+        raise NotImplementedError
+
+    async def _submit(self, record: KafkaRecord, fut: asyncio.Future[PublishResult]) -> None:
+        """Hand the record over; raise (anything) if it cannot be sent at all."""
+        raise NotImplementedError
 
     @property
     def in_flight(self) -> int:
@@ -210,9 +234,10 @@ class KafkaSink:
         The last condition decays by itself, so a load balancer that only routes to ready
         replicas cannot leave this one unready forever.
         """
-        if self._producer is None:
+        connected, has_metadata = self._producer_state()
+        if not connected:
             return False, f"kafka producer not connected ({self.last_error or 'starting'})"
-        if not self._known_topics:
+        if not has_metadata:
             return False, f"no topic metadata from Kafka yet ({self.last_error or 'starting'})"
         if self._in_flight >= self.cfg.max_in_flight:
             return False, "kafka backlog at max_in_flight"
@@ -225,12 +250,9 @@ class KafkaSink:
             return False, f"last publish failed: {self.last_error}"
         return True, "ok"
 
-    # -- publishing --------------------------------------------------------------------------
-
     async def publish(self, record: KafkaRecord) -> PublishResult:
-        producer = self._producer
         loop = self._loop
-        if producer is None or loop is None:
+        if loop is None or not self._producer_state()[0]:
             self._fail("not_connected", "Kafka producer is not connected yet")
         with self._in_flight_lock:
             if self._in_flight >= self.cfg.max_in_flight:
@@ -243,23 +265,13 @@ class KafkaSink:
         fut: asyncio.Future[PublishResult] = loop.create_future()
         started = time.perf_counter()
         try:
-            if record.topic in self._known_topics:
-                kfut = producer.send(
-                    record.topic, value=record.value, key=record.key, headers=record.headers
-                )
-            else:
-                kfut = await loop.run_in_executor(
-                    None,
-                    lambda: producer.send(
-                        record.topic, value=record.value, key=record.key, headers=record.headers
-                    ),
-                )
-                self._known_topics.add(record.topic)
+            await self._submit(record, fut)
+        except Unavailable as exc:
+            self._release()
+            self._fail(exc.reason, str(exc))
         except Exception as exc:  # KafkaTimeoutError on metadata, BufferError, closed producer
             self._release()
             self._fail("error", f"send failed: {type(exc).__name__}: {exc}")
-        kfut.add_callback(self._on_done, fut, True)
-        kfut.add_errback(self._on_done, fut, False)
         # one timer on the future itself (cheaper than wait_for + shield): whichever comes
         # first, the acknowledgement or the deadline, settles it; the other finds it done
         timer = loop.call_later(self.cfg.ack_timeout_s, _expire, fut)
@@ -282,9 +294,93 @@ class KafkaSink:
         self.last_failure_at = time.monotonic()
         raise Unavailable(reason, message)
 
-    def _release(self) -> None:
+    def _release(self, n: int = 1) -> None:
         with self._in_flight_lock:
-            self._in_flight -= 1
+            self._in_flight -= n
+
+
+class KafkaSink(SinkBase):
+    """kafka-python's producer in this process (``kafka.producer = "thread"``)."""
+
+    def __init__(
+        self, cfg: KafkaConfig, metrics: IngressMetrics, warm_topics: tuple[str, ...] = ()
+    ):
+        super().__init__(cfg, metrics)
+        self.warm_topics = warm_topics
+        self._producer: KafkaProducer | None = None
+        # completions arrive on the producer's sender thread; they are queued here and drained
+        # on the event loop with one wake-up per batch rather than one per record
+        self._done: collections.deque[tuple[asyncio.Future[PublishResult], Any, bool]] = (
+            collections.deque()
+        )
+        self._wake_pending = False
+        self._known_topics: set[str] = set()
+        self._stop = threading.Event()
+        self._connect_task: asyncio.Future[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the producer in the background; until it exists, publishes answer 503."""
+        self._loop = asyncio.get_running_loop()
+        opener = ProducerOpener(
+            self.cfg,
+            self.warm_topics,
+            on_producer=self._set_producer,
+            on_topic=self._known_topics.add,
+            on_error=self._set_error,
+            stop=self._stop,
+        )
+        self._connect_task = self._loop.run_in_executor(None, opener.run)
+
+    def _set_producer(self, producer: KafkaProducer) -> None:
+        self._producer = producer
+
+    def _set_error(self, message: str) -> None:
+        self.last_error = message
+
+    async def close(self, timeout_s: float = 15.0) -> None:
+        """Flush what was sent and close; bounded so a dead broker cannot hold shutdown."""
+        self._closed = True
+        self._stop.set()
+        producer, self._producer = self._producer, None
+        if producer is None or self._loop is None:
+            return
+        pending = self._in_flight
+        try:
+            await self._loop.run_in_executor(None, lambda: producer.close(timeout=timeout_s))
+        except KafkaError as exc:
+            # Records Kafka never acknowledged: every one of their requests was already
+            # answered 503 (an answer waits for its ack), so this is a bounded, expected end.
+            log.warning(
+                "producer closed with records Kafka did not acknowledge; their requests were "
+                "answered 503 and will be retried by the sender",
+                extra={"unacknowledged": pending, "error": f"{type(exc).__name__}: {exc}"},
+            )
+
+    # -- the producer in this process ----------------------------------------------------
+
+    def _producer_state(self) -> tuple[bool, bool]:
+        return self._producer is not None, bool(self._known_topics)
+
+    async def _submit(self, record: KafkaRecord, fut: asyncio.Future[PublishResult]) -> None:
+        producer = self._producer
+        loop = self._loop
+        assert producer is not None and loop is not None
+        if record.topic in self._known_topics:
+            kfut = producer.send(
+                record.topic, value=record.value, key=record.key, headers=record.headers
+            )
+        else:  # the first send to a topic may block on its metadata: not on the loop
+            kfut = await loop.run_in_executor(
+                None,
+                lambda: producer.send(
+                    record.topic, value=record.value, key=record.key, headers=record.headers
+                ),
+            )
+            self._known_topics.add(record.topic)
+        kfut.add_callback(self._on_done, fut, True)
+        kfut.add_errback(self._on_done, fut, False)
 
     def _on_done(self, fut: asyncio.Future[PublishResult], ok: bool, value: Any) -> None:
         # runs on the producer's sender thread

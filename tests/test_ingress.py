@@ -63,10 +63,11 @@ class Env:
         return ids
 
 
-@pytest.fixture(scope="module")
-def env(broker: EmbeddedBroker) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=["process", "thread"])
+def env(broker: EmbeddedBroker, request: pytest.FixtureRequest) -> Iterator[Env]:
+    """The gateway with each producer mode: a child process (default), or in-process."""
     prefix = unique("ing")
-    config = gateway_config(broker.bootstrap_servers, prefix)
+    config = gateway_config(broker.bootstrap_servers, prefix, kafka={"producer": request.param})
     with running_gateway(config) as (url, metrics):
         e = Env(broker, prefix, config, url, metrics)
         yield e
