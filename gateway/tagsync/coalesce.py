@@ -125,6 +125,16 @@ class Coalescer:
         pending.sources.append(source)
         return AddResult(attached=True, superseded=superseded)
 
+    def first_at(self, alias: Alias) -> float | None:
+        """When the user's pending update began (None: nothing pending)."""
+        pending = self._pending.get(alias)
+        return None if pending is None else pending.first_at
+
+    def last_source(self, alias: Alias) -> SourceRef | None:
+        """Where the user's newest pending event came from."""
+        pending = self._pending.get(alias)
+        return pending.sources[-1] if pending is not None and pending.sources else None
+
     def next_due(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 

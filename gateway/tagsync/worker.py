@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -70,6 +71,12 @@ log = logging.getLogger("gateway.tagsync.worker")
 # One event's update for the sink: (user, tags, (event time, offset), where it came from).
 Update = tuple[Alias, Mapping[str, TagValue], tuple[float, int], SourceRef]
 
+# A user's window may stretch to this many flush windows while the partition its events come
+# from is still being read (see Sink._hold).
+MAX_HOLD_WINDOWS = 10
+# A partition within this many offsets of its high watermark counts as read to the end
+# (transaction markers and compacted gaps occupy offsets no record is returned for).
+CAUGHT_UP_SLACK = 8
 COMMIT_INTERVAL_S = 0.2
 POLL_TIMEOUT_MS = 100
 MAX_DLT_BODY = 1000
@@ -239,6 +246,13 @@ class Sink:
         self._users = UserLimiter(settings.per_user_interval_s)
         self._apps: dict[str, AppLimiter] = {}
         self._max_active = max(16, settings.max_concurrency * 4)
+        # Read progress per source partition, (next offset, high watermark), from the source;
+        # users held until their partition is read up to a target offset; see _hold.
+        self._progress: dict[tuple[str, int], tuple[int, int | None]] = {}
+        self._held: dict[tuple[str, int], deque[tuple[int, float, Alias]]] = {}
+        self._held_once: set[Alias] = set()
+        self._source_paused = False
+        self._max_hold_s = MAX_HOLD_WINDOWS * settings.flush_interval_s
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._deadline = 0.0
@@ -266,6 +280,18 @@ class Sink:
         """Many events' updates in one hand-over (one loop wake-up per poll, not per event)."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._accept_many, updates)
+
+    def report_progress(
+        self, progress: Mapping[tuple[str, int], tuple[int, int | None]], *, paused: bool
+    ) -> None:
+        """How far each partition is read, and whether the source paused (from the source)."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._accept_progress, dict(progress), paused)
+
+    def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Revoked or lost: nobody reads them here any more, so hold nobody for them."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._accept_forget, list(partitions))
 
     def submit_dead_letter(self, record: KafkaRecord, reason: str, src: SourceRef) -> None:
         assert self._loop is not None
@@ -322,6 +348,9 @@ class Sink:
                 return
             timeout: float | None = None
             due = self._coalescer.next_due()
+            expiry = self._next_hold_expiry() if self._held else None
+            if expiry is not None and (due is None or expiry < due):
+                due = expiry
             if due is not None:
                 timeout = max(0.0, due - now)
             if self._draining:
@@ -332,6 +361,8 @@ class Sink:
                     await self._wake.wait()
 
     def _dispatch(self, now: float) -> None:
+        if self._held:
+            self._release_held(now)
         due = self._coalescer.pop_due(now)
         while len(self._tasks) < self._max_active:
             alias = next(due, None)
@@ -341,7 +372,74 @@ class Sink:
             if wait > 0:
                 self._coalescer.defer(alias, now + wait)
                 continue
+            if self._hold(alias, now):
+                continue
+            self._held_once.discard(alias)
             self._spawn(self._run_batch(self._coalescer.take(alias)))
+
+    def _hold(self, alias: Alias, now: float) -> bool:
+        """Keep a due user back while the partition of its events is still being read.
+
+        Behind a backlog (a restart, an outage, a slow consumer), a user's later events are
+        often still unread when its window closes; sending now would cost a second request
+        from the app's budget (1,000/s) a moment later. So the user waits until its
+        partition is read up to where its end was when the window closed (or for
+        ``MAX_HOLD_WINDOWS`` windows in all). Once per pending update, so a steady stream
+        cannot chase it; never while the source is paused (held events count towards the
+        pause) or shutting down. Live traffic, read as it comes, is held for a poll at most.
+        """
+        if self._source_paused or self._draining or alias in self._held_once:
+            return False
+        src = self._coalescer.last_source(alias)
+        first_at = self._coalescer.first_at(alias)
+        if src is None or first_at is None or now - first_at >= self._max_hold_s:
+            return False
+        key = (src.topic, src.partition)
+        read = self._progress.get(key)
+        if read is None or read[1] is None or read[1] - read[0] <= CAUGHT_UP_SLACK:
+            return False
+        self._held_once.add(alias)
+        self._held.setdefault(key, deque()).append((read[1], first_at + self._max_hold_s, alias))
+        return True
+
+    def _release_held(self, now: float, everyone: bool = False) -> None:
+        """Back to the due queue: users whose partition is read far enough, or held long
+        enough (held in order, so the oldest are at the front)."""
+        defer = self._coalescer.defer
+        for key in list(self._held):
+            held = self._held[key]
+            read = self._progress.get(key)
+            while held:
+                target, until, alias = held[0]
+                if everyone or read is None or read[0] >= target - CAUGHT_UP_SLACK or until <= now:
+                    held.popleft()
+                    defer(alias, now)
+                else:
+                    break
+            if not held:
+                del self._held[key]
+
+    def _next_hold_expiry(self) -> float | None:
+        fronts = [held[0][1] for held in self._held.values() if held]
+        return min(fronts) if fronts else None
+
+    def _accept_progress(
+        self, progress: dict[tuple[str, int], tuple[int, int | None]], paused: bool
+    ) -> None:
+        self._progress.update(progress)
+        self._source_paused = paused
+        if self._held:
+            self._release_held(time.monotonic(), everyone=paused)
+            assert self._wake is not None
+            self._wake.set()
+
+    def _accept_forget(self, partitions: list[tuple[str, int]]) -> None:
+        for key in partitions:
+            self._progress.pop(key, None)
+        if self._held:
+            self._release_held(time.monotonic())
+            assert self._wake is not None
+            self._wake.set()
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -385,6 +483,7 @@ class Sink:
         self._deadline = time.monotonic() + timeout_s
         self._coalescer.flush_interval_s = 0.0
         now = time.monotonic()
+        self._release_held(now, everyone=True)
         for alias in self._coalescer.drain():
             self._coalescer.defer(alias, now)
         assert self._wake is not None
@@ -704,6 +803,16 @@ class TagSyncWorker:
                 add(tp, offset, done=done)
         if updates:
             self.sink.submit_many(updates)
+        # after the updates (one FIFO): how far each partition is now read, for Sink._hold
+        highwater = self.consumer.highwater
+        self.sink.report_progress(
+            {
+                (tp.topic, tp.partition): (records[-1].offset + 1, highwater(tp))
+                for tp, records in polled.items()
+                if records
+            },
+            paused=self._paused,
+        )
         # dead letters go after the tracking above: their completion must find the offset
         for record, reason, src in self._pending_dead_letters:
             self.sink.submit_dead_letter(record, reason, src)
@@ -803,6 +912,8 @@ class TagSyncWorker:
         self._collect_done()
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         with self._lock:
+            if self.sink is not None and self.sink.alive:
+                self.sink.forget_partitions([(tp.topic, tp.partition) for tp in tps])
             for tp in tps:
                 upto = self._done_upto.pop(tp, None)
                 if commit and upto is not None and upto > self._committed.get(tp, -1):
@@ -849,11 +960,15 @@ class TagSyncWorker:
             parts = self.consumer.assignment()
             self.consumer.pause(*parts)
             self._paused = True
+            assert self.sink is not None
+            self.sink.report_progress({}, paused=True)  # held users count towards the pause
             m.PAUSED.set(1)
             log.info("paused: too many pending updates", extra={"pending": outstanding})
         elif self._paused and outstanding < self._resume_below:
             self.consumer.resume(*self.consumer.paused())
             self._paused = False
+            assert self.sink is not None
+            self.sink.report_progress({}, paused=False)
             m.PAUSED.set(0)
             log.info("resumed", extra={"pending": outstanding})
         elif self._paused:
