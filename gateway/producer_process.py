@@ -27,6 +27,7 @@ Lifetimes:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import marshal
@@ -48,7 +49,7 @@ from kafka.errors import KafkaError
 from .config import KafkaConfig
 from .metrics import IngressMetrics
 from .records import KafkaRecord
-from .sink import ProducerOpener, PublishResult, SinkBase, Unavailable
+from .sink import ProducerOpener, PublishResult, SinkBase
 
 __all__ = ["ProcessSink", "main"]
 
@@ -232,10 +233,6 @@ class ProcessSink(SinkBase):
         return self._transport is not None and self._child_producer, bool(self._child_topics)
 
     async def _submit(self, record: KafkaRecord, fut: asyncio.Future[PublishResult]) -> None:
-        if record.topic not in self._child_topics:
-            # the child's send would block its one sending thread on this topic's metadata
-            # (up to max_block_ms per record, every other record queued behind it)
-            raise Unavailable("not_connected", f"no metadata for {record.topic} from Kafka yet")
         rid = self._next_id
         self._next_id = rid + 1
         self._pending[rid] = (fut, record.topic)
@@ -352,6 +349,7 @@ class _Child:
         self.completed = 0
         self._send_lock = threading.Lock()
         self._count_lock = threading.Lock()
+        self._first_sends = concurrent.futures.ThreadPoolExecutor(4, "first-send")
         self.stop = threading.Event()
         self.opener = ProducerOpener(
             cfg,
@@ -377,6 +375,7 @@ class _Child:
                 close_timeout = float(_loads(payload))
                 break
         self.stop.set()
+        self._first_sends.shutdown(wait=True, cancel_futures=False)
         unacked = self._close_producer(close_timeout)
         self._send(_CLOSED, marshal.dumps(unacked))
         return 0
@@ -389,15 +388,27 @@ class _Child:
             error = "the Kafka producer is not connected yet"
             self._send(_RESULTS, marshal.dumps([(r[0], -1, -1, error) for r in records]))
             return
-        for rid, topic, key, value, headers in records:
-            try:
-                fut = producer.send(topic, value=value, key=key, headers=headers)
-            except Exception as exc:  # KafkaTimeoutError on metadata, closed producer
-                self._send(_RESULTS, marshal.dumps([(rid, -1, -1, f"send failed: {exc!r}")]))
-                continue
+        for record in records:
+            if record[1] in self.topics:
+                self._send_one(producer, record)
+            else:
+                # the first send to a topic may block on its metadata (up to max_block_ms):
+                # not on this thread, which every other record waits for
+                self._first_sends.submit(self._send_one, producer, record)
+
+    def _send_one(self, producer: Any, record: tuple[int, str, bytes | None, bytes, Any]) -> None:
+        rid, topic, key, value, headers = record
+        try:
+            fut = producer.send(topic, value=value, key=key, headers=headers)
+        except Exception as exc:  # KafkaTimeoutError on metadata, closed producer
+            self._send(_RESULTS, marshal.dumps([(rid, -1, -1, f"send failed: {exc!r}")]))
+            return
+        with self._count_lock:
             self.sent += 1
-            fut.add_callback(self._acked, rid)
-            fut.add_errback(self._failed, rid)
+        if topic not in self.topics:
+            self._on_topic(topic)
+        fut.add_callback(self._acked, rid)
+        fut.add_errback(self._failed, rid)
 
     # Results go back from the callback itself, one small frame each, on whichever thread
     # completed the record (the sender thread, or this one for an immediate failure). A

@@ -123,8 +123,8 @@ def test_records_cross_the_process_boundary_exactly(broker: EmbeddedBroker) -> N
     assert [o for _, o in same_user] == sorted(o for _, o in same_user)  # ... in send order
 
 
-def test_no_broker_answers_not_connected_at_once() -> None:
-    cfg = kafka_config("127.0.0.1:9", ack_timeout_s=10.0)
+def test_no_broker_fails_within_max_block_ms() -> None:
+    cfg = kafka_config("127.0.0.1:9", ack_timeout_s=10.0, max_block_ms=500)
 
     async def run() -> None:
         sink = ProcessSink(cfg, IngressMetrics(process=False), ("t",))
@@ -138,8 +138,10 @@ def test_no_broker_answers_not_connected_at_once() -> None:
             started_at = time.monotonic()
             with pytest.raises(Unavailable) as err:
                 await sink.publish(KafkaRecord("t", None, b"x", []))
-            assert err.value.reason == "not_connected"
-            assert time.monotonic() - started_at < 0.5
+            # the send waited max_block_ms for metadata, not ack_timeout_s
+            assert err.value.reason == "error"
+            assert "KafkaTimeoutError" in str(err.value)
+            assert time.monotonic() - started_at < 3.0
             assert sink.in_flight == 0
         finally:
             closing = time.monotonic()
