@@ -139,7 +139,7 @@ class KafkaConfig:
     ack_timeout_s: float = 5.0
     max_in_flight: int = 5000
     retry_after_s: int = 5
-    linger_ms: int = 5
+    linger_ms: int = 0
     batch_size: int = 262144
     compression_type: str = ""
     request_timeout_ms: int = 10000
@@ -444,7 +444,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         ack_timeout_s=k.number("ack_timeout_s", 5.0, minimum=0.1),
         max_in_flight=k.integer("max_in_flight", 5000, minimum=1),
         retry_after_s=k.integer("retry_after_s", 5, minimum=1),
-        linger_ms=k.integer("linger_ms", 5, minimum=0),
+        linger_ms=k.integer("linger_ms", 0, minimum=0),
         batch_size=k.integer("batch_size", 262144, minimum=1024),
         compression_type=k.text("compression_type", "", ("", "gzip", "snappy", "lz4", "zstd")),
         request_timeout_ms=k.integer("request_timeout_ms", 10000, minimum=100),
