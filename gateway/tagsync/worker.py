@@ -347,8 +347,13 @@ class Sink:
                     )
                 return
             timeout: float | None = None
-            due = self._coalescer.next_due()
-            expiry = self._next_hold_expiry() if self._held else None
+            # At max_active nothing more can start until a task ends (which wakes us): a
+            # timeout from the due users would spin this loop, taking the GIL from the reader.
+            due: float | None = None
+            expiry: float | None = None
+            if len(self._tasks) < self._max_active:
+                due = self._coalescer.next_due()
+                expiry = self._next_hold_expiry() if self._held else None
             if expiry is not None and (due is None or expiry < due):
                 due = expiry
             if due is not None:
