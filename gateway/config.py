@@ -237,6 +237,7 @@ class TagSyncConfig:
     delete_value: str = ""
     max_poll_records: int = 500
     max_pending_events: int = 100_000
+    catch_up_partitions: int = 6
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 2000
     group_instance_id: str = ""
@@ -602,6 +603,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         delete_value=ts.text("delete_value", "", ("", "null")),
         max_poll_records=ts.integer("max_poll_records", 500, minimum=1),
         max_pending_events=ts.integer("max_pending_events", 100_000, minimum=1),
+        catch_up_partitions=ts.integer("catch_up_partitions", 6, minimum=0),
         session_timeout_ms=ts.integer("session_timeout_ms", 10000, minimum=1000),
         heartbeat_interval_ms=ts.integer("heartbeat_interval_ms", 2000, minimum=100),
         group_instance_id=ts.text("group_instance_id", "").replace(

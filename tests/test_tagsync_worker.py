@@ -341,6 +341,32 @@ def test_app_rate_limit_holds_over_every_second(broker: EmbeddedBroker) -> None:
     assert span >= (users - 20) / 20 - 0.1  # and it really was held back
 
 
+def test_a_backlog_read_one_partition_at_a_time_sends_each_user_once(
+    broker: EmbeddedBroker, fake: FakeOneSignal
+) -> None:
+    """catch_up_partitions = 1: each partition waits its turn, yet all of the backlog is read,
+    every user gets exactly one request with its newest tags, and every offset is committed."""
+    topic, group = unique("ts-turns"), unique("g")
+    cfg = make_config(
+        broker, fake, topic, group, catch_up_partitions=1, max_poll_records=5, flush_interval_s=0.2
+    )
+    rounds, per_partition = 4, 8
+    for p in range(4):  # each user's events spread over its partition, as behind a backlog
+        users = [{"external_id": f"p{p}-u{u}"} for u in range(per_partition)]
+        produce(broker, topic, [ev(u, t=r) for r in range(rounds) for u in users], partition=p)
+    n_users = 4 * per_partition
+    with running(cfg):
+        assert fake.wait_for(
+            lambda f: len(f.all_tags()) == n_users and all_committed(broker, group, topic),
+            timeout_s=60,
+        )
+        time.sleep(0.5)  # nothing more is sent
+    reqs = fake.requests
+    assert len(reqs) == n_users and all(r.status == 202 for r in reqs)
+    final = str(1_700_000_000 + rounds - 1)
+    assert all(t.get("last_clicked_at") == final for t in fake.all_tags().values())
+
+
 def test_retry_after_5xx_retries_permanent_failures_and_commit_order(
     broker: EmbeddedBroker, fake: FakeOneSignal
 ) -> None:

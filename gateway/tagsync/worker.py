@@ -63,6 +63,7 @@ from .ratelimit import (
     parse_retry_after,
 )
 from .rules import Alias, CompiledRule, TagValue, compile_rules, derive, event_order, resolve_alias
+from .turns import ReadTurns
 
 __all__ = ["DeadLetterWriter", "TagSyncWorker", "run_tag_sync"]
 
@@ -685,6 +686,14 @@ class TagSyncWorker:
         self._committed: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
         self._paused = False
+        # Behind a backlog, a few partitions are read at a time (turns.py), from how far each
+        # partition is read (the next offset) and its high watermark.
+        self._next_offset: dict[TopicPartition, int] = {}
+        self._turns = ReadTurns(
+            self.ts.catch_up_partitions,
+            behind_by=max(CAUGHT_UP_SLACK, self.ts.max_poll_records),
+            slack=CAUGHT_UP_SLACK,
+        )
         self.consumer: Any = None
         self.producer: Any = None
         self.sink: Sink | None = None
@@ -806,6 +815,9 @@ class TagSyncWorker:
             add = self._tracker.add
             for tp, offset, done in tracked:
                 add(tp, offset, done=done)
+            for tp, records in polled.items():
+                if records:
+                    self._next_offset[tp] = records[-1].offset + 1
         if updates:
             self.sink.submit_many(updates)
         # after the updates (one FIFO): how far each partition is now read, for Sink._hold
@@ -924,6 +936,7 @@ class TagSyncWorker:
                 if commit and upto is not None and upto > self._committed.get(tp, -1):
                     offsets[tp] = OffsetAndMetadata(upto, "", -1)
                 self._committed.pop(tp, None)
+                self._next_offset.pop(tp, None)
                 self._tracker.drop(tp)
         return offsets
 
@@ -962,25 +975,32 @@ class TagSyncWorker:
         with self._lock:
             outstanding = self._tracker.outstanding()
         if not self._paused and outstanding > self._pause_above:
-            parts = self.consumer.assignment()
-            self.consumer.pause(*parts)
             self._paused = True
             assert self.sink is not None
             self.sink.report_progress({}, paused=True)  # held users count towards the pause
             m.PAUSED.set(1)
             log.info("paused: too many pending updates", extra={"pending": outstanding})
         elif self._paused and outstanding < self._resume_below:
-            self.consumer.resume(*self.consumer.paused())
             self._paused = False
             assert self.sink is not None
             self.sink.report_progress({}, paused=False)
             m.PAUSED.set(0)
             log.info("resumed", extra={"pending": outstanding})
-        elif self._paused:
-            # A rebalance may have assigned new partitions, unpaused: pause them too.
-            unpaused = set(self.consumer.assignment()) - set(self.consumer.paused())
-            if unpaused:
-                self.consumer.pause(*unpaused)
+        # (a rebalance may assign new partitions, unpaused: this pauses them too)
+        assignment = self.consumer.assignment()
+        want = set(assignment) if self._paused else self._waiting_turn(assignment)
+        have = self.consumer.paused()
+        if want - have:
+            self.consumer.pause(*(want - have))
+        if have - want:
+            self.consumer.resume(*(have - want))
+
+    def _waiting_turn(self, assignment: set[TopicPartition]) -> set[TopicPartition]:
+        """Behind a backlog, the partitions whose reading turn has not come (see turns.py)."""
+        with self._lock:
+            read = dict(self._next_offset)
+        waiting = self._turns.plan(sorted(assignment), read, self.consumer.highwater)
+        return {tp for tp in waiting if isinstance(tp, TopicPartition)}
 
 
 # ---------------------------------------------------------------------------------------------
