@@ -141,7 +141,8 @@ class ProcessSink(SinkBase):
         self._supervisor = asyncio.create_task(self._supervise())
 
     async def _supervise(self) -> None:
-        delay = 0.5
+        # a child that ran a while is replaced at once; one that keeps dying, with backoff
+        delay = 0.0
         while not self._closed:
             started = time.monotonic()
             try:
@@ -161,9 +162,9 @@ class ProcessSink(SinkBase):
                     "kafka producer process exited; starting a new one", extra={"status": code}
                 )
             if time.monotonic() - started > 30.0:
-                delay = 0.5
+                delay = 0.0
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(max(delay * 2, 0.5), 10.0)
 
     async def _spawn(self) -> None:
         loop = self._loop

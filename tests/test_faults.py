@@ -11,6 +11,7 @@ tests/test_tagsync_worker.py::test_kill9_replays_and_sigterm_commits.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -284,6 +285,63 @@ def test_gateway_kill9_under_load_loses_no_acknowledged_event(
     assert figures.acked_but_lost == 0, figures.lost_ids
     assert figures.duplicates == 0, figures
     assert set(figures.statuses) <= {"200", "ConnectError", "RemoteProtocolError", "ReadError"}
+
+
+def _producer_child(pid: int) -> int:
+    children = [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
+    (child,) = [
+        c for c in children if b"producer_process" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
+    return child
+
+
+def test_producer_process_kill9_under_load_loses_no_acknowledged_event(
+    fresh_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """kafka.producer = "process": its child is killed mid-load; the gateway lives on."""
+    prefix = unique("f-child")
+    started = time.monotonic()
+    gw = GatewayProcess(gateway_toml(fresh_broker.bootstrap_servers, prefix, kafka=KAFKA), tmp_path)
+    with gw.running(), LoadGenerator(gw.url, workers=WORKERS, duration_s=14) as load:
+        assert gw.process is not None
+        _warm_up(load)
+        child = _producer_child(gw.process.pid)
+        killed_at = time.monotonic()
+        os.kill(child, signal.SIGKILL)
+        # a new child is started and 2xx resume without any help
+        assert load.wait_for(
+            lambda outs: any(o.ok and o.started > killed_at + 0.2 for o in outs), 20
+        ), "no 2xx after the producer process was killed"
+        replaced = _producer_child(gw.process.pid)
+        time.sleep(0.5)
+        outcomes = load.stop()
+        assert gw.process.poll() is None, "the gateway died with its producer process"
+    figures = check(
+        outcomes, (s.event_id for s in read_ids(fresh_broker.bootstrap_servers, _topics(prefix)))
+    )
+    failed = [o for o in outcomes if not o.ok]
+    resumed = resume_after(outcomes, killed_at)
+    Report(
+        "producer process kill -9 under load",
+        _load_label(load, outcomes),
+        "SIGKILL to the gateway's producer process",
+        INPUTS,
+        figures,
+        time.monotonic() - started,
+        {"resume_s": resumed, "replaced": replaced != child},
+    ).emit()
+
+    assert replaced != child
+    assert figures.ok >= 200
+    assert figures.acked_but_lost == 0, figures.lost_ids
+    # the requests awaiting the dead child were answered 503 at once, not after ack_timeout_s
+    assert failed, "the kill hit no request in flight"
+    _assert_bounded_503s(failed, "waiting on the killed producer")
+    assert max(o.latency for o in failed) < ACK_TIMEOUT_S
 
 
 # ---------------------------------------------------------------------------------------------
