@@ -202,6 +202,11 @@ class IngressMetrics:
             ["kind"],
             registry=r,
         )
+        self.producer_restarts = LoopCounter(
+            "gateway_producer_process_restarts",
+            "Times the Kafka producer process (kafka.producer = process) died and was replaced.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_kafka_in_flight_records",
             "Records sent to the producer and not yet acknowledged or failed (read at scrape).",

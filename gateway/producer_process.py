@@ -156,6 +156,7 @@ class ProcessSink(SinkBase):
                 if self._closed:
                     return
                 self.restarts += 1
+                self.metrics.producer_restarts.inc()
                 self.last_error = f"the Kafka producer process exited (status {code})"
                 self.last_failure_at = time.monotonic()
                 log.error(

@@ -187,6 +187,10 @@ def test_a_killed_child_fails_its_waiters_at_once_and_is_replaced(
             # a new child comes up and the sink is usable again
             await until(lambda: sink.ready()[0], 30, lambda: sink.ready()[1])
             assert sink.restarts == 1
+            restarts = sink.metrics.registry.get_sample_value(
+                "gateway_producer_process_restarts_total"
+            )
+            assert restarts == 1
             assert sink.child_pid not in (None, pid)
             after = await sink.publish(KafkaRecord(topic, b"k", b"after", []))
             assert after.offset > first.offset
