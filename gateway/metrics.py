@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,6 +28,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 __all__ = ["IngressMetrics", "LoopCounter", "LoopHistogram"]
+
+_Child = TypeVar("_Child")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -42,7 +45,38 @@ class _CounterValue:
         self.value += amount
 
 
-class LoopCounter(Collector):
+class _LoopMetric(Collector, Generic[_Child]):
+    """Children by label values, created on first use; registered as a collector."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Child] = {}
+        if not self.labelnames:
+            self._children[()] = self._new_child()
+        if registry is not None:
+            registry.register(self)
+
+    def _new_child(self) -> _Child:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self._children[values] = self._new_child()
+        return child
+
+
+class LoopCounter(_LoopMetric[_CounterValue]):
     """A counter (``<name>_total``) changed by one thread only; no lock per increment."""
 
     def __init__(
@@ -52,22 +86,10 @@ class LoopCounter(Collector):
         labelnames: Sequence[str] = (),
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _CounterValue] = {}
-        if not self.labelnames:
-            self._children[()] = _CounterValue()
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> _CounterValue:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            child = self._children[values] = _CounterValue()
-        return child
+    def _new_child(self) -> _CounterValue:
+        return _CounterValue()
 
     def inc(self, amount: float = 1.0) -> None:
         self._children[()].inc(amount)
@@ -96,7 +118,7 @@ class _HistogramValue:
         self.sum += value
 
 
-class LoopHistogram(Collector):
+class LoopHistogram(_LoopMetric[_HistogramValue]):
     """A histogram changed by one thread only; no lock per observation."""
 
     def __init__(
@@ -107,23 +129,11 @@ class LoopHistogram(Collector):
         buckets: Sequence[float] = _LATENCY_BUCKETS,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         self.bounds = tuple(sorted(float(b) for b in buckets))
-        self._children: dict[tuple[str, ...], _HistogramValue] = {}
-        if not self.labelnames:
-            self._children[()] = _HistogramValue(self.bounds)
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> _HistogramValue:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            child = self._children[values] = _HistogramValue(self.bounds)
-        return child
+    def _new_child(self) -> _HistogramValue:
+        return _HistogramValue(self.bounds)
 
     def observe(self, value: float) -> None:
         self._children[()].observe(value)
