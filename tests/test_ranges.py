@@ -431,7 +431,15 @@ def test_contains_agrees_with_ipset(nets: list[str], data: st.DataObject) -> Non
     probes: list[netaddr.IPAddress] = []
     for net in map(netaddr.IPNetwork, nets):
         top = (1 << 32) - 1 if net.version == 4 else (1 << 128) - 1
-        for value in (net.first - 1, net.first, net.last, net.last + 1):
+        # lookups bisect within top-16-bit blocks: probe the blocks' edges around each range too
+        shift = 16 if net.version == 4 else 112
+        block_edges = (
+            (net.first >> shift) << shift,
+            ((net.first >> shift) << shift) - 1,
+            ((net.last >> shift) + 1) << shift,
+            (((net.last >> shift) + 1) << shift) - 1,
+        )
+        for value in (net.first - 1, net.first, net.last, net.last + 1, *block_edges):
             if 0 <= value <= top:
                 probes.append(netaddr.IPAddress(value, net.version))
     probes += [
