@@ -34,7 +34,7 @@ from gateway.embedded_broker import EmbeddedBroker
 from gateway.event import NormalizedEvent, Received
 from gateway.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.records import build_record, header
-from gateway.tagsync.worker import run_tag_sync
+from gateway.tagsync.worker import CAUGHT_UP_SLACK, run_tag_sync
 
 from .conftest import KAFKA_API_VERSION, read_topic, unique
 
@@ -350,11 +350,15 @@ def test_a_backlog_read_one_partition_at_a_time_sends_each_user_once(
     cfg = make_config(
         broker, fake, topic, group, catch_up_partitions=1, max_poll_records=5, flush_interval_s=0.2
     )
-    rounds, per_partition = 4, 8
+    rounds, per_partition, tail = 4, 8, CAUGHT_UP_SLACK + 1
     for p in range(4):  # each user's events spread over its partition, as behind a backlog
         users = [{"external_id": f"p{p}-u{u}"} for u in range(per_partition)]
-        produce(broker, topic, [ev(u, t=r) for r in range(rounds) for u in users], partition=p)
-    n_users = 4 * per_partition
+        events = [ev(u, t=r) for r in range(rounds) for u in users]
+        # then users of one event each: a partition this close to its end counts as live
+        # traffic (not held), and the spread users' last events lie before it
+        events += [ev({"external_id": f"p{p}-t{i}"}, t=rounds - 1) for i in range(tail)]
+        produce(broker, topic, events, partition=p)
+    n_users = 4 * (per_partition + tail)
     with running(cfg):
         assert fake.wait_for(
             lambda f: len(f.all_tags()) == n_users and all_committed(broker, group, topic),
