@@ -292,10 +292,31 @@ _ANSWER_CACHE_SIZE = 4096
 _BLOCK_SHIFT = {4: 32 - 16, 6: 128 - 16}
 
 
-def _block_index(starts: tuple[int, ...], shift: int) -> tuple[int, ...]:
-    """For each top-16-bit block, the index of the first range starting in it or after it."""
-    firsts = [bisect.bisect_left(starts, block << shift) for block in range(1 << 16)]
-    return (*firsts, len(starts))
+# a block where more ranges start than this gets a second index over its next 16 bits (all of
+# Google's IPv6 ranges start in 2600::/16, for one); at most this many such blocks
+_DENSE_BLOCK = 16
+_MAX_DENSE_BLOCKS = 32
+
+
+def _block_index(
+    starts: tuple[int, ...], shift: int, base: int = 0, lo: int = 0, hi: int | None = None
+) -> tuple[int, ...]:
+    """For each of 65,536 blocks of ``1 << shift`` addresses from ``base``, the index of the
+    first range starting in it or after it (searching ``starts[lo:hi]``), then ``hi``."""
+    hi = len(starts) if hi is None else hi
+    firsts = [bisect.bisect_left(starts, base | b << shift, lo, hi) for b in range(1 << 16)]
+    return (*firsts, hi)
+
+
+def _dense_index(
+    starts: tuple[int, ...], index: tuple[int, ...], shift: int
+) -> dict[int, tuple[int, ...]]:
+    """Second-level indexes for the blocks where many ranges start (see _DENSE_BLOCK)."""
+    dense = [b for b in range(1 << 16) if index[b + 1] - index[b] > _DENSE_BLOCK]
+    return {
+        b: _block_index(starts, shift - 16, b << shift, index[b], index[b + 1])
+        for b in dense[:_MAX_DENSE_BLOCKS]
+    }
 
 
 @dataclass(frozen=True)
@@ -315,6 +336,7 @@ class _State:
     # one past the end): a lookup bisects only the ranges that start in its block, so it costs
     # about the same with 17 ranges or 1,000+
     blocks: Mapping[int, tuple[int, ...]]
+    dense: Mapping[int, dict[int, tuple[int, ...]]]  # IP version -> block -> its second index
     # answers per address text: OneSignal sends from few addresses, and parsing one costs more
     # than the lookup; it belongs to this version, so a swap starts with an empty cache
     answers: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
@@ -325,7 +347,8 @@ class _State:
         starts = {v: tuple(f for ver, f, _ in ranges if ver == v) for v in (4, 6)}
         ends = {v: tuple(last for ver, _, last in ranges if ver == v) for v in (4, 6)}
         blocks = {v: _block_index(starts[v], _BLOCK_SHIFT[v]) for v in (4, 6)}
-        return cls(ipset, snapshot, len(ipset.iter_cidrs()), starts, ends, blocks)
+        dense = {v: _dense_index(starts[v], blocks[v], _BLOCK_SHIFT[v]) for v in (4, 6)}
+        return cls(ipset, snapshot, len(ipset.iter_cidrs()), starts, ends, blocks, dense)
 
 
 class Allowlist:
@@ -371,10 +394,17 @@ class Allowlist:
         else:
             value = int(addr)
             version = addr.version
-            block = value >> _BLOCK_SHIFT[version]
-            index = state.blocks[version]
-            # the range holding value, if any, starts in its block or is the last one before
-            lo, hi = index[block], index[block + 1]
+            shift = _BLOCK_SHIFT[version]
+            block = value >> shift
+            # the range holding value, if any, starts in its block (or sub-block) or is the
+            # last one before
+            sub = state.dense[version].get(block)
+            if sub is None:
+                index = state.blocks[version]
+                lo, hi = index[block], index[block + 1]
+            else:
+                part = (value >> (shift - 16)) & 0xFFFF
+                lo, hi = sub[part], sub[part + 1]
             i = bisect.bisect_right(state.starts[version], value, lo, hi) - 1
             answer = i >= 0 and value <= state.ends[version][i]
         if len(state.answers) < _ANSWER_CACHE_SIZE:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import stat
 import threading
 from collections.abc import Iterator
@@ -459,3 +460,32 @@ def test_cached_answers_belong_to_one_version_of_the_set() -> None:
     allow.replace(netaddr.IPSet(["203.0.113.0/24"]), None)
     assert not allow.contains("198.51.100.7") and allow.contains("203.0.113.7")
     assert not allow.contains("not an address") and not allow.contains("not an address")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_contains_agrees_with_ipset_in_dense_blocks(seed: int) -> None:
+    """Many ranges starting in one top-16-bit block get a second-level index: probe it."""
+    rng = random.Random(seed)
+    nets: list[str] = []
+    for _ in range(40):  # IPv4: /24-/30s inside 10.20.0.0/16
+        nets.append(
+            str(
+                netaddr.IPNetwork(
+                    (0x0A140000 | rng.getrandbits(16), rng.randint(24, 30)), version=4
+                ).cidr
+            )
+        )
+    for _ in range(40):  # IPv6: /44-/64s inside 2600:1900::/28, like Google's
+        value = (0x2600_1900 << 96) | (rng.getrandbits(100) & ((1 << 100) - 1))
+        nets.append(str(netaddr.IPNetwork((value, rng.randint(44, 64)), version=6).cidr))
+    ipset = netaddr.IPSet(nets)
+    allow = Allowlist(ipset)
+    probes: list[netaddr.IPAddress] = []
+    for r in ipset.iter_ipranges():
+        for value in (r.first - 1, r.first, r.last, r.last + 1):
+            probes.append(netaddr.IPAddress(value, r.version))
+    probes += [netaddr.IPAddress(0x0A140000 | rng.getrandbits(16), 4) for _ in range(50)]
+    probes += [netaddr.IPAddress((0x2600_1900 << 96) | rng.getrandbits(100), 6) for _ in range(50)]
+    for ip in probes:
+        assert allow.contains(str(ip)) == (ip in ipset), str(ip)
