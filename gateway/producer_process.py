@@ -118,7 +118,6 @@ class ProcessSink(SinkBase):
         self.restarts = 0
         self._pending: dict[int, tuple[asyncio.Future[PublishResult], str]] = {}
         self._outbox: list[tuple[int, str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
-        self._flush_scheduled = False
         self._next_id = 0
         self._transport: asyncio.Transport | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -222,12 +221,7 @@ class ProcessSink(SinkBase):
                 log.warning("kafka producer process did not stop in time; killing it")
         await self._reap(1.0)
         if self._unacked_at_close:
-            # every one of their requests was already answered 503 (an answer waits for its ack)
-            log.warning(
-                "producer closed with records Kafka did not acknowledge; their requests were "
-                "answered 503 and will be retried by the sender",
-                extra={"unacknowledged": self._unacked_at_close},
-            )
+            self._warn_unacknowledged(self._unacked_at_close)
 
     # -- records out, results in -------------------------------------------------------------
 
@@ -238,15 +232,13 @@ class ProcessSink(SinkBase):
         rid = self._next_id
         self._next_id = rid + 1
         self._pending[rid] = (fut, record.topic)
-        self._outbox.append((rid, record.topic, record.key, record.value, record.headers))
-        if not self._flush_scheduled:
+        if not self._outbox:
             # every record submitted in this turn of the loop goes out in one frame
-            self._flush_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
+        self._outbox.append((rid, record.topic, record.key, record.value, record.headers))
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
         batch, self._outbox = self._outbox, []
         transport = self._transport
         if not batch or transport is None or transport.is_closing():

@@ -266,9 +266,6 @@ class SinkBase:
         started = time.perf_counter()
         try:
             await self._submit(record, fut)
-        except Unavailable as exc:
-            self._release()
-            self._fail(exc.reason, str(exc))
         except Exception as exc:  # KafkaTimeoutError on metadata, BufferError, closed producer
             self._release()
             self._fail("error", f"send failed: {type(exc).__name__}: {exc}")
@@ -298,6 +295,19 @@ class SinkBase:
         with self._in_flight_lock:
             self._in_flight -= n
 
+    @staticmethod
+    def _warn_unacknowledged(count: int | None, error: str | None = None) -> None:
+        """Records Kafka never acknowledged at close: every one of their requests was already
+        answered 503 (an answer waits for its ack), so this is a bounded, expected end."""
+        extra: dict[str, Any] = {"unacknowledged": count}
+        if error:
+            extra["error"] = error
+        log.warning(
+            "producer closed with records Kafka did not acknowledge; their requests were "
+            "answered 503 and will be retried by the sender",
+            extra=extra,
+        )
+
 
 class KafkaSink(SinkBase):
     """kafka-python's producer in this process (``kafka.producer = "thread"``)."""
@@ -316,7 +326,6 @@ class KafkaSink(SinkBase):
         self._wake_pending = False
         self._known_topics: set[str] = set()
         self._stop = threading.Event()
-        self._connect_task: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -331,7 +340,7 @@ class KafkaSink(SinkBase):
             on_error=self._set_error,
             stop=self._stop,
         )
-        self._connect_task = self._loop.run_in_executor(None, opener.run)
+        self._loop.run_in_executor(None, opener.run)  # it stops when self._stop is set
 
     def _set_producer(self, producer: KafkaProducer) -> None:
         self._producer = producer
@@ -350,13 +359,7 @@ class KafkaSink(SinkBase):
         try:
             await self._loop.run_in_executor(None, lambda: producer.close(timeout=timeout_s))
         except KafkaError as exc:
-            # Records Kafka never acknowledged: every one of their requests was already
-            # answered 503 (an answer waits for its ack), so this is a bounded, expected end.
-            log.warning(
-                "producer closed with records Kafka did not acknowledge; their requests were "
-                "answered 503 and will be retried by the sender",
-                extra={"unacknowledged": pending, "error": f"{type(exc).__name__}: {exc}"},
-            )
+            self._warn_unacknowledged(pending, f"{type(exc).__name__}: {exc}")
 
     # -- the producer in this process ----------------------------------------------------
 
