@@ -208,6 +208,21 @@ async def keep_alive_ok(s: Server, r: asyncio.StreamReader, w: asyncio.StreamWri
         await w.drain()
 
 
+def updates(handler: Handler, n: int) -> tuple[list[Response], Server]:
+    """``n`` Update user calls in a row, on one client, against a server running ``handler``."""
+
+    async def go() -> tuple[list[Response], Server]:
+        async with Server(handler) as s:
+            c = client(s.url, timeout_s=5)
+            try:
+                return [await c.update_user(ALIAS, TAGS) for _ in range(n)], s
+            finally:
+                await c.aclose()
+
+    result: tuple[list[Response], Server] = asyncio.run(go())
+    return result
+
+
 def run(coro: Awaitable[Any]) -> Any:
     async def main() -> Any:
         return await coro
@@ -244,15 +259,7 @@ def test_chunked_response_and_the_connection_is_reused() -> None:
             )
             await w.drain()
 
-    async def go() -> tuple[list[Response], Server]:
-        async with Server(chunked) as s:
-            c = client(s.url, timeout_s=5)
-            try:
-                return [await c.update_user(ALIAS, TAGS) for _ in range(3)], s
-            finally:
-                await c.aclose()
-
-    responses, s = run(go())
+    responses, s = updates(chunked, 3)
     assert [(r.status, r.body, r.retry_after) for r in responses] == [(202, "hello world", "3")] * 3
     assert (s.connections, len(s.requests)) == (1, 3)
 
@@ -266,15 +273,7 @@ def test_connection_close_and_close_delimited_body() -> None:
             w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-eof")
         await w.drain()
 
-    async def go() -> tuple[list[Response], Server]:
-        async with Server(closing) as s:
-            c = client(s.url, timeout_s=5)
-            try:
-                return [await c.update_user(ALIAS, TAGS) for _ in range(4)], s
-            finally:
-                await c.aclose()
-
-    responses, s = run(go())
+    responses, s = updates(closing, 4)
     assert [(r.status, r.body) for r in responses] == [(200, "framed"), (200, "until-eof")] * 2
     assert (s.connections, len(s.requests)) == (4, 4)  # none reused after a close
 
@@ -310,15 +309,7 @@ def test_server_closing_a_reused_connection_unanswered_is_retried_once_fresh() -
             w.write(ok())
             await w.drain()
 
-    async def go() -> tuple[list[Response], Server]:
-        async with Server(drop_second) as s:
-            c = client(s.url, timeout_s=5)
-            try:
-                return [await c.update_user(ALIAS, TAGS) for _ in range(2)], s
-            finally:
-                await c.aclose()
-
-    responses, s = run(go())
+    responses, s = updates(drop_second, 2)
     assert [r.status for r in responses] == [200, 200]
     # the second request reached the server twice: on the stale connection and a fresh one
     assert (s.connections, len(s.requests)) == (2, 3)
@@ -377,15 +368,7 @@ def test_a_response_cut_short_is_an_error_and_not_resent(partial: bytes) -> None
             await w.drain()
             return
 
-    async def go() -> tuple[list[Response], Server]:
-        async with Server(cut) as s:
-            c = client(s.url, timeout_s=5)
-            try:
-                return [await c.update_user(ALIAS, TAGS) for _ in range(2)], s
-            finally:
-                await c.aclose()
-
-    responses, s = run(go())
+    responses, s = updates(cut, 2)
     assert responses[0].status == 200
     assert responses[1].status is None and "mid-response" in responses[1].error
     assert len(s.requests) == 2  # some of the answer arrived: the server may have acted on it
@@ -398,15 +381,7 @@ def test_garbage_response_is_a_transport_error() -> None:
         await w.drain()
         await asyncio.sleep(1)
 
-    async def go() -> Response:
-        async with Server(garbage) as s:
-            c = client(s.url, timeout_s=5)
-            try:
-                return await c.update_user(ALIAS, TAGS)
-            finally:
-                await c.aclose()
-
-    resp = run(go())
+    (resp,), _ = updates(garbage, 1)
     assert resp.status is None and "invalid HTTP response" in resp.error
     assert_no_key(resp)
 
@@ -442,15 +417,7 @@ def test_body_over_the_cap_is_truncated_and_the_connection_still_reused() -> Non
             w.write(ok(big))
             await w.drain()
 
-    async def go() -> tuple[list[Response], Server]:
-        async with Server(huge) as s:
-            c = client(s.url, timeout_s=5)
-            try:
-                return [await c.update_user(ALIAS, TAGS) for _ in range(2)], s
-            finally:
-                await c.aclose()
-
-    responses, s = run(go())
+    responses, s = updates(huge, 2)
     assert [len(r.body) for r in responses] == [MAX_BODY_KEPT] * 2
     assert s.connections == 1
 
