@@ -1,7 +1,17 @@
-"""Shared fixtures: a real Kafka-protocol broker (librdkafka's mock cluster) on loopback."""
+"""Shared fixtures: a real Kafka broker on loopback.
+
+The backend is chosen by ``GATEWAY_TEST_KAFKA``:
+- ``apache``: real Apache Kafka (KRaft, from Maven Central, see gateway/kafka_cluster.py); the
+  run fails if it cannot be started. CI sets this.
+- ``mock``: librdkafka's mock cluster from the confluent-kafka wheel (Python only).
+- unset or ``auto``: ``apache`` where this machine has Java 17+ and Maven, else ``mock`` with a
+  one-line notice, so the README's test command passes on a Python-only machine.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,23 +20,82 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from gateway.embedded_broker import API_VERSION, EmbeddedBroker
+from gateway import embedded_broker, kafka_cluster
+from gateway.embedded_broker import EmbeddedBroker
+from gateway.kafka_cluster import KafkaCluster, KafkaUnavailable
 
-KAFKA_API_VERSION = tuple(int(p) for p in API_VERSION.split("."))
+Broker = EmbeddedBroker | KafkaCluster
+
+
+def _choose_backend() -> tuple[str, str]:
+    wanted = os.environ.get("GATEWAY_TEST_KAFKA", "auto").strip().lower() or "auto"
+    if wanted not in ("apache", "mock", "auto"):
+        raise pytest.UsageError(f"GATEWAY_TEST_KAFKA must be apache, mock or auto, not {wanted!r}")
+    if wanted == "mock":
+        return "mock", "GATEWAY_TEST_KAFKA=mock"
+    ok, why = kafka_cluster.available()
+    if ok:
+        try:
+            kafka_cluster.provision()
+            return "apache", f"Apache Kafka {kafka_cluster.DEFAULT_VERSION} ({why})"
+        except KafkaUnavailable as exc:
+            why = str(exc).splitlines()[0]
+    if wanted == "apache":
+        raise pytest.UsageError(f"GATEWAY_TEST_KAFKA=apache, but Apache Kafka cannot run: {why}")
+    return "mock", f"Apache Kafka unavailable ({why}): using the embedded mock broker"
+
+
+BACKEND, BACKEND_NOTE = _choose_backend()
+if BACKEND == "mock" and os.environ.get("GATEWAY_TEST_KAFKA", "auto") != "mock":
+    print(f"notice: {BACKEND_NOTE}", file=sys.stderr)
+APACHE = BACKEND == "apache"
+# kafka-python negotiates with Apache Kafka; the mock needs the pin (see embedded_broker.py)
+API_VERSION = "" if APACHE else embedded_broker.API_VERSION
+KAFKA_API_VERSION: tuple[int, ...] | None = (
+    tuple(int(p) for p in API_VERSION.split(".")) if API_VERSION else None
+)
+requires_apache = pytest.mark.skipif(
+    not APACHE, reason="needs real Apache Kafka (GATEWAY_TEST_KAFKA=apache; Java 17+ and Maven)"
+)
+
+
+def pytest_report_header() -> str:
+    return f"kafka backend: {BACKEND} - {BACKEND_NOTE}"
+
+
+def _new_broker() -> Broker:
+    if APACHE:
+        return KafkaCluster(nodes=1).start()
+    return EmbeddedBroker().start()
 
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[EmbeddedBroker]:
-    """One mock cluster for the whole session; tests use unique topic names."""
-    with EmbeddedBroker() as b:
+def broker() -> Iterator[Broker]:
+    """One broker for the whole session; tests use unique topic names."""
+    b = _new_broker()
+    try:
         yield b
+    finally:
+        b.stop()
 
 
 @pytest.fixture
-def fresh_broker() -> Iterator[EmbeddedBroker]:
-    """A mock cluster of its own, for tests that pause or kill it."""
-    with EmbeddedBroker() as b:
+def fresh_broker() -> Iterator[Broker]:
+    """A broker of its own, for tests that pause or kill it."""
+    b = _new_broker()
+    try:
         yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def cluster3() -> Iterator[KafkaCluster]:
+    """Three Apache Kafka nodes (RF 3, min.insync.replicas 2, no topic auto-creation)."""
+    if not APACHE:
+        pytest.skip("needs real Apache Kafka (GATEWAY_TEST_KAFKA=apache; Java 17+ and Maven)")
+    with KafkaCluster(nodes=3, auto_create_topics=False) as c:
+        yield c
 
 
 def unique(prefix: str = "t") -> str:

@@ -32,16 +32,15 @@ import orjson
 from kafka import KafkaConsumer, TopicPartition
 
 from gateway import samples
-from gateway.embedded_broker import API_VERSION
 from gateway.records import header
 from gateway.server import free_port
 
+from .conftest import API_VERSION, KAFKA_API_VERSION
 from .ingress_helpers import EU_WEST4, ROTATED, SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 ES = "/v1/onesignal/events"
 KIND = "message.push.clicked"
-KAFKA_API_VERSION = tuple(int(p) for p in API_VERSION.split("."))
 # the topics the gateway warms at start (so they exist), for a topic prefix
 CHANNELS = ("push", "email", "sms", "iam", "live_activity")
 

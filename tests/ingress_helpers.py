@@ -11,9 +11,10 @@ import orjson
 
 from gateway.app import create_app
 from gateway.config import Config, parse_config
-from gateway.embedded_broker import API_VERSION
 from gateway.metrics import IngressMetrics
 from gateway.server import ServerThread
+
+from .conftest import API_VERSION
 
 SECRET = "s3cret-event-stream-0123456789abcdef"
 ROTATED = "s3cret-next-fedcba9876543210"

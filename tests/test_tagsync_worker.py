@@ -36,7 +36,7 @@ from gateway.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.records import build_record, header
 from gateway.tagsync.worker import CAUGHT_UP_SLACK, run_tag_sync
 
-from .conftest import KAFKA_API_VERSION, read_topic, unique
+from .conftest import API_VERSION, KAFKA_API_VERSION, read_topic, unique
 
 API_KEY = "test-app-key-123"
 APP = "11111111-2222-3333-4444-555555555555"
@@ -73,7 +73,7 @@ def config_data(
     }
     ts.update(tag_sync)
     return {
-        "kafka": {"bootstrap_servers": broker.bootstrap_servers, "api_version": "2.3"},
+        "kafka": {"bootstrap_servers": broker.bootstrap_servers, "api_version": API_VERSION},
         "onesignal": {"api_url": fake.url, "apps": [{"app_id": APP, "api_key_env": "OS_KEY"}]},
         "tag_sync": ts,
     }
