@@ -40,6 +40,7 @@ from .openapi import openapi_document
 from .parsing import BadRequest, decode_body
 from .records import KafkaRecord, build_dead_letter, build_record
 from .sink import PublishResult, SinkBase, Unavailable, create_sink
+from .topics import TopicWatcher
 
 __all__ = ["Gateway", "create_app"]
 
@@ -476,6 +477,13 @@ def create_app(
         refresher_stop = asyncio.Event()
         refresher_task: asyncio.Task[None] | None = None
         await gw.sink.start()
+        watcher = TopicWatcher(
+            config.kafka,
+            list(warm),
+            config.topics.check_interval_s,
+            on_missing=lambda missing: setattr(gw.sink, "missing_topics", missing),
+        )
+        watcher.start()
         if config.allowlist.refresh_interval_s > 0:
             refresher = ranges.RangeRefresher(gw.allowlist, config.allowlist)
             refresher_task = asyncio.create_task(refresher.run(refresher_stop))
@@ -489,6 +497,7 @@ def create_app(
         try:
             yield
         finally:
+            watcher.stop()
             refresher_stop.set()
             if refresher_task:
                 refresher_task.cancel()

@@ -11,6 +11,7 @@ import httpx
 
 from . import ranges
 from .config import Config
+from .topics import TopicStatus, describe_topics, durability_warnings, gateway_topics
 
 __all__ = ["check_config"]
 
@@ -74,6 +75,34 @@ def _onesignal_key_ok(cfg: Config, app_id: str, key: str) -> tuple[bool, str]:
     return False, f"HTTP {r.status_code}"
 
 
+def _check_topics(cfg: Config, out: TextIO, timeout_s: float = 15.0) -> int:
+    """Each gateway topic against ``[topics]``: missing, or too weak to survive a broker loss."""
+    result: list[list[TopicStatus] | str] = []
+
+    def probe() -> None:
+        try:
+            result.append(describe_topics(cfg.kafka, gateway_topics(cfg)))
+        except Exception as exc:  # an admin API the cluster refuses, an ACL
+            result.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=probe, name="check-topics", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not result:
+        print(f"topics: FAILED: no answer from Kafka within {timeout_s:.0f}s", file=out)
+        return 1
+    if isinstance(result[0], str):
+        print(f"topics: FAILED: {result[0]}", file=out)
+        return 1
+    problems = 0
+    for status in result[0]:
+        issues = status.problems(cfg.topics)
+        problems += bool(issues)
+        verdict = "ok" if not issues else "FAILED: " + "; ".join(issues)
+        print(f"topic {status.name}: {status.describe()}: {verdict}", file=out)
+    return problems
+
+
 def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
     problems = 0
     print(f"config: {cfg.path} is valid", file=out)
@@ -103,6 +132,10 @@ def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
     ok, detail = _kafka_reachable(cfg)
     problems += not ok
     print(f"kafka {cfg.kafka.bootstrap_servers}: {'ok' if ok else 'FAILED'}: {detail}", file=out)
+    for warning in durability_warnings(cfg.topics):
+        print(f"topics: WARNING: {warning}", file=out)
+    if ok:
+        problems += _check_topics(cfg, out)
     for app in cfg.onesignal.apps:
         if app.api_key is None:
             problems += 1

@@ -86,6 +86,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return check_config(cfg, online=args.online, out=sys.stdout)
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    from .checks import bootstrap_reachable
+    from .topics import create_topics
+
+    cfg = _load(args)
+    if not bootstrap_reachable(cfg.kafka.bootstrap_servers, timeout_s=5.0):
+        print(f"kafka {cfg.kafka.bootstrap_servers}: no bootstrap server answers", file=sys.stderr)
+        return 1
+    return create_topics(cfg, dry_run=args.action == "plan", out=sys.stdout)
+
+
 def cmd_ranges(args: argparse.Namespace) -> int:
     from . import ranges
 
@@ -224,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--online", action="store_true", help="also try the OneSignal API keys")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "topics", help="create the gateway's Kafka topics with the [topics] settings, or plan it"
+    )
+    p.add_argument(
+        "action",
+        choices=["create", "plan"],
+        help="create: make the missing topics; plan: say what create would do",
+    )
+    with_config(p)
+    p.set_defaults(func=cmd_topics)
 
     p = sub.add_parser("ranges", help="show or update the sender allowlist snapshot")
     p.add_argument("action", choices=["show", "update"])

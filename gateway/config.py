@@ -33,6 +33,7 @@ __all__ = [
     "SourceConfig",
     "TagRule",
     "TagSyncConfig",
+    "TopicsConfig",
     "load_config",
     "parse_config",
 ]
@@ -175,6 +176,17 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class TopicsConfig:
+    """What ``gateway topics create`` makes, and what check-config and readiness hold topics to."""
+
+    partitions: int = 12
+    replication_factor: int = 3
+    min_insync_replicas: int = 2
+    # how often the ingress lists Kafka's topics to say in /readyz which of its own are missing
+    check_interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class DedupeConfig:
     window_s: float = 3600.0
     max_entries: int = 1_000_000
@@ -257,6 +269,7 @@ class Config:
     allowlist: AllowlistConfig = field(default_factory=AllowlistConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
     sources: tuple[SourceConfig, ...] = ()
     onesignal: OneSignalConfig = field(default_factory=OneSignalConfig)
     tag_sync: TagSyncConfig = field(default_factory=TagSyncConfig)
@@ -473,6 +486,25 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         )
     k.finish()
 
+    tp = root.table("topics")
+    topics = TopicsConfig(
+        partitions=tp.integer("partitions", TopicsConfig.partitions, minimum=1),
+        replication_factor=tp.integer(
+            "replication_factor", TopicsConfig.replication_factor, minimum=1
+        ),
+        min_insync_replicas=tp.integer(
+            "min_insync_replicas", TopicsConfig.min_insync_replicas, minimum=1
+        ),
+        check_interval_s=tp.number("check_interval_s", TopicsConfig.check_interval_s, minimum=0),
+    )
+    if topics.min_insync_replicas > topics.replication_factor:
+        raise ConfigError(
+            "topics.min_insync_replicas",
+            f"must not exceed topics.replication_factor ({topics.replication_factor}):"
+            " no write could ever be acknowledged",
+        )
+    tp.finish()
+
     d = root.table("dedupe")
     dedupe = DedupeConfig(
         window_s=d.number("window_s", 3600.0, minimum=0),
@@ -627,6 +659,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         allowlist=allowlist,
         kafka=kafka,
         dedupe=dedupe,
+        topics=topics,
         sources=tuple(sources),
         onesignal=onesignal,
         tag_sync=tag_sync,

@@ -207,6 +207,8 @@ class SinkBase:
         self.last_error: str | None = None
         self.last_ack_at: float | None = None
         self.last_failure_at: float | None = None
+        # set by the topic watcher: the gateway's topics that Kafka does not have
+        self.missing_topics: frozenset[str] = frozenset()
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -237,6 +239,11 @@ class SinkBase:
         connected, has_metadata = self._producer_state()
         if not connected:
             return False, f"kafka producer not connected ({self.last_error or 'starting'})"
+        if self.missing_topics:
+            return False, (
+                f"topics missing in Kafka: {', '.join(sorted(self.missing_topics))}"
+                " (create them: gateway topics create)"
+            )
         if not has_metadata:
             return False, f"no topic metadata from Kafka yet ({self.last_error or 'starting'})"
         if self._in_flight >= self.cfg.max_in_flight:
