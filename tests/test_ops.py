@@ -343,6 +343,9 @@ def test_dashboard_and_alerts_use_only_metrics_the_code_exposes() -> None:
 def _toml_config(path: Path, bootstrap: str, prefix: str, source_extra: str = "") -> Path:
     path.write_text(
         f"""
+[allowlist]
+refresh_interval_s = 0
+
 [kafka]
 bootstrap_servers = "{bootstrap}"
 api_version = "{API_VERSION}"
