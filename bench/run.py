@@ -329,6 +329,7 @@ access_log = false
 scopes = ["europe-west4"]
 snapshot = ""
 include_onesignal_published = true
+refresh_interval_s = 0  # no download in the middle of a measurement
 
 [kafka]
 bootstrap_servers = "{bootstrap}"

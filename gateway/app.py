@@ -153,6 +153,10 @@ class _SourceRoute:
         self.max_body = gw.config.server.max_body_bytes
         self.outcomes = {name: gw.metrics.requests.labels(source.name, name) for name in _OUTCOMES}
         self.latency = gw.metrics.request_seconds.labels(source.name)
+        self.misses = {
+            label: gw.metrics.allowlist_misses.labels(source.name, label)
+            for label in ("valid", "invalid", "missing")
+        }
         allow = "POST, PUT, PATCH" + (", OPTIONS" if self.web else "")
         self.allow_header = allow
 
@@ -192,6 +196,13 @@ class _SourceRoute:
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome].inc()
+
+    def _secret_label(self, scope: Scope) -> str:
+        """valid, invalid or missing: the secret check of a request refused for its address."""
+        values = [v for k, v in scope["headers"] if k == self.secret_header]
+        if not values:
+            return "missing"
+        return "valid" if _secret_ok(values, self.secrets) else "invalid"
 
     async def _read_body(self, headers: Mapping[bytes, bytes], receive: Receive) -> bytes:
         """The whole body, or :class:`_BodyTooLarge` as soon as it is over the limit.
@@ -250,14 +261,27 @@ class _SourceRoute:
         )
         if source.require_allowlisted_ip and not self.gw.allowlist.contains(client.ip):
             self._count("forbidden_ip")
-            log.info(
-                "refused: sender not in allowlist",
-                extra={
-                    "source": source.name,
-                    "client_ip": client.ip,
-                    "malformed_chain": client.malformed,
-                },
-            )
+            # The answer stays 403 whatever the secret says, but a miss that carries a valid
+            # secret is most likely OneSignal at an address the allowlist does not know yet, and
+            # OneSignal does not retry a 4xx: count it apart and say so loudly.
+            secret = self._secret_label(scope)
+            self.misses[secret].inc()
+            extra = {
+                "source": source.name,
+                "client_ip": client.ip,
+                "malformed_chain": client.malformed,
+                "secret": secret,
+                "allowlist_sync_token": self.gw.allowlist.sync_token,
+            }
+            if secret == "valid":  # noqa: S105 - a label, not a secret
+                log.warning(
+                    "refused: sender %s not in allowlist but carries a valid secret; most likely "
+                    "a OneSignal sender at a new address (the event is lost: no retry of a 4xx)",
+                    client.ip,
+                    extra=extra,
+                )
+            else:
+                log.info("refused: sender not in allowlist", extra=extra)
             return _error(403, "forbidden", "sender address is not allowed (ip-not-allowed)")
         if source.require_secret:
             values = [v for k, v in scope["headers"] if k == self.secret_header]
@@ -440,6 +464,10 @@ def create_app(
     sink = sink or create_sink(config.kafka, metrics, warm_topics=warm)
     gw = Gateway(config=config, sink=sink, allowlist=allowlist, metrics=metrics, clock=clock)
     metrics.allowlist_ranges.set(allowlist.size)
+    # read at scrape time, so the figures age between refreshes
+    metrics.allowlist_age.set_function(lambda: gw.allowlist.age_s(clock()))
+    metrics.allowlist_last_refresh_success.set_function(lambda: gw.allowlist.last_refresh_ok or 0.0)
+    metrics.allowlist_refresh_failing.set_function(lambda: gw.allowlist.refresh_failing_s(clock()))
 
     async def healthz(request: Request) -> Response:
         return _OrjsonResponse({"status": "alive"})
@@ -484,8 +512,19 @@ def create_app(
             on_missing=lambda missing: setattr(gw.sink, "missing_topics", missing),
         )
         watcher.start()
-        if config.allowlist.refresh_interval_s > 0:
-            refresher = ranges.RangeRefresher(gw.allowlist, config.allowlist)
+        refresh_on = config.allowlist.refresh_interval_s > 0
+        ranges.log_if_stale(
+            gw.allowlist,
+            clock(),
+            "the first refresh runs now, in the background"
+            if refresh_on
+            else "refresh is off (allowlist.refresh_interval_s = 0): run `gateway ranges update`",
+        )
+        if refresh_on:
+            # in the background: neither start-up nor readiness waits for the network
+            refresher = ranges.RangeRefresher(
+                gw.allowlist, config.allowlist, metrics=metrics, clock=clock
+            )
             refresher_task = asyncio.create_task(refresher.run(refresher_stop))
         log.info(
             "ingress started",

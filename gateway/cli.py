@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -116,6 +117,9 @@ def cmd_ranges(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(f"snapshot: {snapshot_path or '(bundled)'}")
         print(f"syncToken: {current.sync_token}  creationTime: {current.creation_time}")
+        made = ranges.data_time(current)
+        if made is not None:
+            print(f"age: {(time.time() - made) / 86400:.1f} days")
         print(f"scopes: {', '.join(scopes)}  prefixes: {len(current.cidrs)}")
         for cidr in current.cidrs:
             print(f"  {cidr}")

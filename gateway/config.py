@@ -123,8 +123,12 @@ class AllowlistConfig:
     snapshot: str = ""
     include_onesignal_published: bool = True
     extra_cidrs: tuple[str, ...] = ()
-    refresh_url: str = ""
-    refresh_interval_s: float = 0.0
+    # On by default: Google's ranges change, and a sender whose new address is missing from a
+    # stale set is answered 403, which OneSignal does not retry (the event is lost).
+    refresh_url: str = "https://www.gstatic.com/ipranges/cloud.json"
+    refresh_interval_s: float = 86400.0
+    refresh_retry_s: float = 900.0
+    refresh_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -432,11 +436,21 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         snapshot=a.text("snapshot", ""),
         include_onesignal_published=a.flag("include_onesignal_published", True),
         extra_cidrs=_cidrs("allowlist.extra_cidrs", a.texts("extra_cidrs", ())),
-        refresh_url=a.text("refresh_url", ""),
-        refresh_interval_s=a.number("refresh_interval_s", 0.0, minimum=0),
+        refresh_url=a.text("refresh_url", AllowlistConfig.refresh_url),
+        refresh_interval_s=a.number(
+            "refresh_interval_s", AllowlistConfig.refresh_interval_s, minimum=0
+        ),
+        refresh_retry_s=a.number("refresh_retry_s", AllowlistConfig.refresh_retry_s, minimum=1),
+        refresh_timeout_s=a.number(
+            "refresh_timeout_s", AllowlistConfig.refresh_timeout_s, minimum=0.1
+        ),
     )
     if allowlist.refresh_interval_s and not allowlist.refresh_url:
-        raise ConfigError("allowlist.refresh_url", "must be set when refresh_interval_s > 0")
+        raise ConfigError(
+            "allowlist.refresh_url", "must be set when refresh_interval_s > 0 (0 turns refresh off)"
+        )
+    if allowlist.refresh_url and not allowlist.refresh_url.startswith(("http://", "https://")):
+        raise ConfigError("allowlist.refresh_url", "must start with http:// or https://")
     if allowlist.refresh_interval_s and allowlist.refresh_interval_s < 60:
         raise ConfigError("allowlist.refresh_interval_s", "must be 0 (off) or at least 60")
     a.finish()

@@ -40,6 +40,9 @@ port = {port}
 trusted_proxies = ["127.0.0.1/32"]
 log_level = "error"
 
+[allowlist]
+refresh_interval_s = 0  # the demo stays on loopback: the bundled snapshot is enough
+
 [kafka]
 bootstrap_servers = "{bootstrap}"
 api_version = "{api_version}"

@@ -234,3 +234,30 @@ class IngressMetrics:
             ["result"],
             registry=r,
         )
+        for result in ("ok", "error"):  # both exist from the start, so increase() sees the first
+            self.allowlist_refreshes.labels(result)
+        self.allowlist_age = Gauge(
+            "gateway_allowlist_age_seconds",
+            "Now minus the allowlist data's own time (cloud.json syncToken, else creationTime); "
+            "NaN if the data has no time.",
+            registry=r,
+        )
+        self.allowlist_last_refresh_success = Gauge(
+            "gateway_allowlist_last_refresh_success_timestamp_seconds",
+            "When this process last refreshed the allowlist successfully (0 = not yet).",
+            registry=r,
+        )
+        self.allowlist_refresh_failing = Gauge(
+            "gateway_allowlist_refresh_failing_seconds",
+            "Seconds since allowlist refresh started to fail (since the last success, else the "
+            "first failure); 0 while it works or is off.",
+            registry=r,
+        )
+        self.allowlist_misses = LoopCounter(
+            "gateway_allowlist_misses",
+            "Requests refused because the sender address is not in the allowlist, by whether "
+            "they carried a valid shared secret (valid, invalid, missing). A valid one is most "
+            "likely OneSignal at an address the allowlist does not know: that event is lost.",
+            ["source", "secret"],
+            registry=r,
+        )

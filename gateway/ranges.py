@@ -11,8 +11,21 @@ file: it was seeded from OneSignal's published europe-west4 list (the 17 CIDRs o
 because the machine that built it could not reach gstatic.com. Its ``syncToken`` is "0" so that
 ``gateway ranges update`` always treats it as older and replaces it with Google's current list.
 
-A refresh swaps the whole set in one assignment and keeps the last good set when the new file is
-unreadable, empty for our scopes, or too big: a bad download must never empty the allowlist.
+Refresh is on by default (daily from Google's URL, the first one right after start, in the
+background). A refresh swaps the whole set in one assignment and keeps the last good set when the
+new file is unreadable, empty for our scopes, too big, or older than the data in use: a bad
+download must never empty or shrink the allowlist. After a good refresh the active set is
+
+    Google's current prefixes for our scopes
+    + the start-up snapshot (``allowlist.snapshot``, else the bundled one): the floor
+    + OneSignal's published list (if ``include_onesignal_published``)
+    + ``allowlist.extra_cidrs``
+
+(a union), so it is never smaller than the set the process started with. The two errors are
+not alike: an address wrongly refused is an event lost (OneSignal does not retry a 4xx), while an
+address wrongly allowed still needs the shared secret, which is what authenticates. A prefix
+Google drops from our scopes stays allowed only if the floor has it; one that a refresh added and
+a later refresh dropped goes, so the set does not grow without bound.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import datetime
 import importlib.resources
 import logging
 import os
@@ -36,20 +50,24 @@ import netaddr
 import orjson
 
 from gateway.config import AllowlistConfig
+from gateway.metrics import IngressMetrics
 from gateway.trust import parse_ip
 
 __all__ = [
     "BUNDLED_SNAPSHOT",
     "MAX_BYTES",
     "ONESIGNAL_PUBLISHED",
+    "STALE_AFTER_S",
     "Allowlist",
     "RangeRefresher",
     "RangeSnapshot",
     "RangesError",
     "build_ipset",
+    "data_time",
     "diff",
     "fetch_cloud_json",
     "load_snapshot",
+    "log_if_stale",
     "parse_cloud_json",
     "write_snapshot",
 ]
@@ -57,6 +75,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 10_000_000  # Google's file is ~100 kB; anything this big is not it.
+# a set in use older than this is logged at WARNING (start-up, and after a refresh)
+STALE_AFTER_S = 30 * 86400.0
 BUNDLED_SNAPSHOT = "data/cloud-europe-west4.json"
 _SERVICE = "Google Cloud"
 
@@ -117,6 +137,28 @@ def _network(value: object, version: int, where: str) -> netaddr.IPNetwork:
 def _sort_key(cidr: str) -> tuple[int, int, int]:
     net = netaddr.IPNetwork(cidr)
     return net.version, net.first, net.prefixlen
+
+
+def data_time(snapshot: RangeSnapshot | None) -> float | None:
+    """When the snapshot's data was made, in seconds since the epoch, or None if it does not say.
+
+    Google's ``syncToken`` is milliseconds since the epoch; ``creationTime`` is ISO 8601 without
+    a zone (UTC). The token wins when it is a positive integer; the bundled snapshot's is "0" on
+    purpose (so ``ranges update`` always replaces it), and its ``creationTime`` is the date of
+    OneSignal's list.
+    """
+    if snapshot is None:
+        return None
+    token = snapshot.sync_token
+    if token.isascii() and token.isdigit() and 0 < int(token) < 10**15:
+        return int(token) / 1000.0
+    try:
+        made = datetime.datetime.fromisoformat(snapshot.creation_time)
+    except ValueError:
+        return None
+    if made.tzinfo is None:
+        made = made.replace(tzinfo=datetime.UTC)
+    return made.timestamp()
 
 
 def parse_cloud_json(data: bytes | str | Mapping[str, Any], scopes: Iterable[str]) -> RangeSnapshot:
@@ -266,11 +308,13 @@ def build_ipset(
     *,
     include_onesignal_published: bool,
     extra_cidrs: Iterable[str],
+    floor: RangeSnapshot | None = None,
 ) -> netaddr.IPSet:
-    """One IPSet of the snapshot's ranges, OneSignal's published list and the extras."""
+    """One IPSet of the snapshot's and the floor's ranges, OneSignal's list and the extras."""
     nets: list[netaddr.IPNetwork] = []
-    if snapshot is not None:
-        nets.extend(netaddr.IPNetwork(c) for c in snapshot.cidrs)
+    for part in (snapshot, floor):
+        if part is not None:
+            nets.extend(netaddr.IPNetwork(c) for c in part.cidrs)
     if include_onesignal_published:
         nets.extend(netaddr.IPNetwork(c) for c in ONESIGNAL_PUBLISHED)
     for i, cidr in enumerate(extra_cidrs):
@@ -356,14 +400,21 @@ class Allowlist:
 
     Readers take ``self._state`` once per lookup; ``replace`` assigns a new immutable state in
     one step, so a lookup sees the old set or the new one, never a half-built set.
+
+    ``floor`` is the snapshot it was made with: a refresh adds Google's current prefixes to it
+    and never takes its prefixes away (see the module docstring).
     """
 
     def __init__(
         self, ipset: netaddr.IPSet | None = None, snapshot: RangeSnapshot | None = None
     ) -> None:
         self._state = _State.build(netaddr.IPSet(), None)
+        self.floor = snapshot
         self.last_refresh_ok: float | None = None
         self.last_refresh_error: str | None = None
+        # when refreshing started to fail (the last success, else the first failure), or None
+        # while the last attempt succeeded or none was made
+        self.failing_since: float | None = None
         if ipset is not None:
             self.replace(ipset, snapshot)
 
@@ -414,9 +465,22 @@ class Allowlist:
     def note_refresh_ok(self, at: float) -> None:
         self.last_refresh_ok = at
         self.last_refresh_error = None
+        self.failing_since = None
 
-    def note_refresh_error(self, message: str) -> None:
+    def note_refresh_error(self, message: str, at: float) -> None:
         self.last_refresh_error = message
+        if self.failing_since is None:
+            self.failing_since = self.last_refresh_ok if self.last_refresh_ok is not None else at
+
+    def age_s(self, now: float) -> float:
+        """Seconds from the active data's own time to ``now``; NaN when the data has no time."""
+        made = data_time(self._state.snapshot)
+        return float("nan") if made is None else max(0.0, now - made)
+
+    def refresh_failing_s(self, now: float) -> float:
+        """Seconds since refreshing started to fail; 0 while it works (or was never tried)."""
+        since = self.failing_since
+        return 0.0 if since is None else max(0.0, now - since)
 
     @property
     def ipset(self) -> netaddr.IPSet:
@@ -484,35 +548,83 @@ async def fetch_cloud_json(
     return b"".join(chunks)
 
 
+def log_if_stale(allowlist: Allowlist, now: float, hint: str) -> bool:
+    """Warn when the data in use is older than :data:`STALE_AFTER_S`; True if it warned."""
+    age = allowlist.age_s(now)
+    if not age > STALE_AFTER_S:  # NaN (no time in the data) does not warn either
+        return False
+    snapshot = allowlist.snapshot
+    made = snapshot.creation_time if snapshot is not None else ""
+    log.warning(
+        "allowlist data in use is %d days old (creationTime %s): senders at newer Google "
+        "addresses are refused; %s",
+        age // 86400,
+        made or "unknown",
+        hint,
+        extra={"allowlist_age_s": round(age), "sync_token": allowlist.sync_token},
+    )
+    return True
+
+
+def _token(value: str) -> int | None:
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
 class RangeRefresher:
-    """Refresh the allowlist from ``cfg.refresh_url``; keep the last good set on any failure."""
+    """Refresh the allowlist from ``cfg.refresh_url``; keep the last good set on any failure.
+
+    ``run`` tries once at once (in the background: start-up and readiness never wait for it),
+    then every ``refresh_interval_s`` after a success and every ``refresh_retry_s`` (at most the
+    interval) after a failure, so one bad morning does not leave a stale set for a whole day.
+    """
 
     def __init__(
         self,
         allowlist: Allowlist,
         cfg: AllowlistConfig,
-        client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
+        client_factory: Callable[[], httpx.AsyncClient] | None = None,
         *,
         max_bytes: int = MAX_BYTES,
+        metrics: IngressMetrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.allowlist = allowlist
         self.cfg = cfg
-        self.client_factory = client_factory
+        self.client_factory = client_factory or self._client
         self.max_bytes = max_bytes
+        self.metrics = metrics
+        self.clock = clock
         self.successes = 0
         self.failures = 0
 
+    def _client(self) -> httpx.AsyncClient:
+        # a bounded wait per attempt: a machine without network fails fast and quietly
+        return httpx.AsyncClient(timeout=self.cfg.refresh_timeout_s)
+
     def _build(self, data: bytes) -> tuple[netaddr.IPSet, RangeSnapshot]:
         snapshot = parse_cloud_json(data, self.cfg.scopes)
+        current = _token(self.allowlist.sync_token)
+        fresh = _token(snapshot.sync_token)
+        if current is not None and fresh is not None and fresh < current:
+            # a stale mirror or cache: its data is older than what we already use
+            raise RangesError(
+                f"cloud.json: syncToken {fresh} is older than the set in use ({current})"
+            )
         ipset = build_ipset(
             snapshot,
             include_onesignal_published=self.cfg.include_onesignal_published,
             extra_cidrs=self.cfg.extra_cidrs,
+            floor=self.allowlist.floor,
         )
         return ipset, snapshot
 
+    def _counted(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.allowlist_refreshes.labels(result).inc()
+
     async def refresh_once(self) -> tuple[list[str], list[str]]:
-        """Fetch, parse, build and swap; return (added, removed). Raises RangesError on failure."""
+        """Fetch, parse, build and swap; return (added, removed) against the previous cloud.json
+        data (the floor's prefixes stay allowed either way). Raises RangesError on failure."""
         try:
             if not self.cfg.refresh_url:
                 raise RangesError("allowlist.refresh_url: not set, nothing to refresh from")
@@ -524,34 +636,40 @@ class RangeRefresher:
             ipset, snapshot = await asyncio.to_thread(self._build, data)
         except Exception as exc:
             self.failures += 1
+            self._counted("error")
             error = exc if isinstance(exc, RangesError) else RangesError(f"refresh: {exc!r}")
-            self.allowlist.note_refresh_error(str(error))
+            self.allowlist.note_refresh_error(str(error), self.clock())
             if error is exc:
                 raise
             raise error from exc
         changes = diff(self.allowlist.snapshot, snapshot)
         self.allowlist.replace(ipset, snapshot)
-        self.allowlist.note_refresh_ok(time.time())
+        self.allowlist.note_refresh_ok(self.clock())
         self.successes += 1
+        self._counted("ok")
         return changes
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Refresh now and then every ``refresh_interval_s`` until ``stop`` is set; never raises."""
+        """Refresh now, then on the schedule above, until ``stop`` is set; never raises."""
         interval = self.cfg.refresh_interval_s
         if interval <= 0 or not self.cfg.refresh_url:
             return
         while not stop.is_set():
+            wait = interval
             try:
                 added, removed = await self.refresh_once()
             except Exception as exc:
+                wait = min(self.cfg.refresh_retry_s, interval)
                 log.warning(
-                    "allowlist refresh failed, keeping the last good set: %s",
+                    "allowlist refresh failed, keeping the last good set; next try in %.0f s: %s",
+                    wait,
                     exc,
                     extra={"error": str(exc), "failures": self.failures},
                 )
             else:
                 log.info(
-                    "allowlist refreshed to syncToken %s: %d added, %d removed",
+                    "allowlist refreshed to syncToken %s: %d added, %d removed from cloud.json "
+                    "(the start-up snapshot's prefixes stay allowed)",
                     self.allowlist.sync_token,
                     len(added),
                     len(removed),
@@ -562,5 +680,7 @@ class RangeRefresher:
                         "size": self.allowlist.size,
                     },
                 )
+                served = _safe_url(self.cfg.refresh_url)
+                log_if_stale(self.allowlist, self.clock(), f"{served} serves old data")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=wait)

@@ -25,6 +25,8 @@ EU_WEST4_V6 = "2600:1900:4060::1234"
 def gateway_config(bootstrap: str, prefix: str, **sections: Mapping[str, Any]) -> Config:
     data: dict[str, Any] = {
         "server": {"trusted_proxies": ["127.0.0.1/32", "::1/128"]},
+        # refresh is on by default and would go to gstatic.com: tests never leave loopback
+        "allowlist": {"refresh_interval_s": 0},
         "kafka": {
             "bootstrap_servers": bootstrap,
             "api_version": API_VERSION,

@@ -89,7 +89,11 @@ def test_example_config_documents_every_key() -> None:
         ({"kafka": {"delivery_timeout_ms": 1000}}, {}, "kafka.delivery_timeout_ms"),
         ({"kafka": {"content_mode": "batched"}}, {}, "kafka.content_mode"),
         ({"allowlist": {"extra_cidrs": ["nope"]}}, {}, "allowlist.extra_cidrs[0]"),
-        ({"allowlist": {"refresh_interval_s": 3600}}, {}, "allowlist.refresh_url"),
+        ({"allowlist": {"refresh_url": ""}}, {}, "allowlist.refresh_url"),
+        ({"allowlist": {"refresh_url": "gstatic.com/cloud.json"}}, {}, "allowlist.refresh_url"),
+        ({"allowlist": {"refresh_interval_s": 30}}, {}, "allowlist.refresh_interval_s"),
+        ({"allowlist": {"refresh_retry_s": 0}}, {}, "allowlist.refresh_retry_s"),
+        ({"allowlist": {"refresh_timeout_s": 0}}, {}, "allowlist.refresh_timeout_s"),
         ({"sources": [{"name": "a", "path": "/a", "format": "sns"}]}, {}, "sources[0].format"),
         (
             {"sources": [{"name": "a", "path": "/a", "secrets_env": "X"}]},
@@ -163,3 +167,14 @@ def test_an_empty_file_gives_the_dataclass_defaults() -> None:
     assert cfg.dedupe == DedupeConfig()
     assert cfg.onesignal == OneSignalConfig()
     assert cfg.tag_sync == TagSyncConfig()
+
+
+def test_allowlist_refresh_is_on_by_default_and_one_key_turns_it_off() -> None:
+    on = parse_config({}, env={}).allowlist
+    assert on.refresh_url == "https://www.gstatic.com/ipranges/cloud.json"
+    assert on.refresh_interval_s == 86400.0 and on.refresh_retry_s <= on.refresh_interval_s
+    off = parse_config({"allowlist": {"refresh_interval_s": 0}}, env={}).allowlist
+    assert off.refresh_interval_s == 0
+    # off, the URL may be empty too
+    empty = parse_config({"allowlist": {"refresh_interval_s": 0, "refresh_url": ""}}, env={})
+    assert empty.allowlist.refresh_url == ""

@@ -320,6 +320,8 @@ def test_dashboard_and_alerts_use_only_metrics_the_code_exposes() -> None:
         "gateway_kafka_in_flight_records",
         "gateway_dead_letters_total",
         "gateway_allowlist_ranges",
+        "gateway_allowlist_age_seconds",
+        "gateway_allowlist_misses_total",
         "gateway_tagsync_requests_total",
         "gateway_tagsync_requests_retried_total",
         "gateway_tagsync_dead_lettered_total",
@@ -343,6 +345,9 @@ def test_dashboard_and_alerts_use_only_metrics_the_code_exposes() -> None:
 def _toml_config(path: Path, bootstrap: str, prefix: str, source_extra: str = "") -> Path:
     path.write_text(
         f"""
+[allowlist]
+refresh_interval_s = 0
+
 [kafka]
 bootstrap_servers = "{bootstrap}"
 api_version = "{API_VERSION}"

@@ -12,6 +12,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import AllowlistConfig
+from gateway.metrics import IngressMetrics
 from gateway.ranges import (
     MAX_BYTES,
     ONESIGNAL_PUBLISHED,
+    STALE_AFTER_S,
     Allowlist,
     RangeRefresher,
     RangesError,
     RangeSnapshot,
     build_ipset,
+    data_time,
     diff,
     fetch_cloud_json,
     load_snapshot,
+    log_if_stale,
     parse_cloud_json,
     write_snapshot,
 )
@@ -183,6 +188,32 @@ def test_build_ipset_sources() -> None:
         build_ipset(snap, include_onesignal_published=False, extra_cidrs=["10.0.0.0/8", "x"])
 
 
+def test_data_time_prefers_the_sync_token_then_creation_time() -> None:
+    def snap(token: str, created: str) -> RangeSnapshot:
+        return RangeSnapshot(token, created, ("s",), ())
+
+    assert data_time(snap("1700000000000", "2001-01-01T00:00:00")) == 1_700_000_000.0
+    assert data_time(snap("0", "2024-04-10T00:00:00.000000")) == 1712707200.0
+    assert data_time(snap("", "2024-04-10T02:00:00+02:00")) == 1712707200.0
+    for token, created in (("0", ""), ("x", "yesterday"), ("-5", "2024-13-01T00:00:00")):
+        assert data_time(snap(token, created)) is None
+    assert data_time(snap("١٢٣", "")) is None  # digits, but not ASCII ones
+    assert data_time(None) is None
+    assert data_time(load_snapshot(None, ["europe-west4"])) == 1712707200.0
+
+
+@given(st.integers(1, 10**15 - 1))
+def test_data_time_reads_any_millisecond_token(ms: int) -> None:
+    assert data_time(RangeSnapshot(str(ms), "garbage", ("s",), ())) == ms / 1000
+
+
+@given(st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1)))
+def test_data_time_reads_google_creation_time_as_utc(when: datetime) -> None:
+    text = when.strftime("%Y-%m-%dT%H:%M:%S.%f")  # Google's form: no zone
+    expected = (when - datetime(1970, 1, 1)) / timedelta(seconds=1)
+    assert data_time(RangeSnapshot("0", text, ("s",), ())) == pytest.approx(expected, abs=1e-6)
+
+
 def test_diff_added_removed_sorted() -> None:
     old = RangeSnapshot("1", "", ("s",), ("35.0.0.0/8", "2600::/16", "10.0.0.0/8"))
     new = RangeSnapshot("2", "", ("s",), ("10.0.0.0/8", "2001:db8::/32", "9.0.0.0/8", "1.0.0.0/8"))
@@ -318,11 +349,103 @@ def test_refresh_swaps_and_reports_diff(server: tuple[str, Reply]) -> None:
     assert "34.157.80.0/23" in removed and "2600:1900:4060::/44" not in removed
     assert len(removed) == 17 - 3
     assert allow.sync_token == SYNC
-    assert not allow.contains("34.157.80.1")
+    # gone from Google's data, but the start-up snapshot is the floor: still allowed
+    assert allow.contains("34.157.80.1")
     assert allow.contains("34.90.0.1") and allow.contains("2600:1900:4060::1")
-    assert allow.size == 3
+    assert allow.size == 17
     assert allow.last_refresh_ok is not None and allow.last_refresh_error is None
     assert refresher.successes == 1 and refresher.failures == 0
+
+
+NEW_SENDER = "34.13.7.9"  # in NEW_RANGE, which neither the bundled nor OneSignal's list has
+
+
+def new_list(sync: str, *extra: dict[str, str]) -> bytes:
+    return json.dumps(cloud([p4("34.13.0.0/16", "europe-west4"), *extra], sync=sync)).encode()
+
+
+def test_refresh_admits_a_new_range_and_a_later_refresh_drops_it_but_not_the_floor(
+    server: tuple[str, Reply], tmp_path: Path
+) -> None:
+    url, reply = server
+    floor = tmp_path / "floor.json"
+    floor.write_bytes(json.dumps(cloud([p4("35.204.0.0/16", "europe-west4")], "5")).encode())
+    allow, refresher = refresher_for(url, snapshot=str(floor), include_onesignal_published=False)
+    assert not allow.contains(NEW_SENDER) and allow.contains("35.204.1.1")
+    reply.body = new_list("1700000000000")
+    added, removed = asyncio.run(refresher.refresh_once())
+    assert added == ["34.13.0.0/16"] and removed == ["35.204.0.0/16"]
+    assert allow.contains(NEW_SENDER) and allow.contains("35.204.1.1")  # new, and the floor
+    reply.body = json.dumps(cloud([p4("34.90.0.0/15", "europe-west4")], "1700000000001")).encode()
+    asyncio.run(refresher.refresh_once())
+    assert not allow.contains(NEW_SENDER)  # a refresh's own prefixes do not pile up
+    assert allow.contains("34.90.0.1") and allow.contains("35.204.1.1")
+    assert sorted(str(c) for c in allow.ipset.iter_cidrs()) == ["34.90.0.0/15", "35.204.0.0/16"]
+
+
+def test_refresh_refuses_data_older_than_the_set_in_use(server: tuple[str, Reply]) -> None:
+    url, reply = server
+    allow, refresher = refresher_for(url)
+    reply.body = new_list("1700000000000")
+    asyncio.run(refresher.refresh_once())
+    good = allow.ipset
+    reply.body = json.dumps(cloud([p4("34.90.0.0/15", "europe-west4")], "1600000000000")).encode()
+    with pytest.raises(RangesError, match="older than the set in use"):
+        asyncio.run(refresher.refresh_once())
+    assert allow.ipset is good and allow.contains(NEW_SENDER)
+    assert allow.sync_token == "1700000000000"
+
+
+def test_refresh_counts_results_and_tracks_age_and_failing_time(server: tuple[str, Reply]) -> None:
+    url, reply = server
+    now = [1_799_999_940.0]
+    config = AllowlistConfig(refresh_url=url)
+    allow = Allowlist.from_config(config)
+    metrics = IngressMetrics(process=False)
+    refresher = RangeRefresher(allow, config, metrics=metrics, clock=lambda: now[0])
+
+    def count(result: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "gateway_allowlist_refreshes_total", {"result": result}
+        )
+        assert value is not None
+        return value
+
+    assert count("ok") == count("error") == 0  # both exist before the first refresh
+    # the bundled data is OneSignal's list of April 10, 2024
+    assert allow.age_s(now[0]) == now[0] - datetime(2024, 4, 10, tzinfo=UTC).timestamp()
+    assert allow.refresh_failing_s(now[0]) == 0
+    reply.status = 500
+    with pytest.raises(RangesError):
+        asyncio.run(refresher.refresh_once())
+    now[0] += 60
+    assert allow.refresh_failing_s(now[0]) == 60  # since the first failure: no success yet
+    reply.status, reply.body = 200, new_list("1799999840000")
+    asyncio.run(refresher.refresh_once())
+    assert allow.age_s(now[0]) == 160.0  # the served data's own syncToken, not our clock
+    assert allow.refresh_failing_s(now[0]) == 0 and allow.last_refresh_ok == now[0]
+    success_at = now[0]
+    reply.status = 502
+    now[0] += 3600
+    with pytest.raises(RangesError):
+        asyncio.run(refresher.refresh_once())
+    now[0] += 3600
+    with pytest.raises(RangesError):
+        asyncio.run(refresher.refresh_once())
+    assert allow.refresh_failing_s(now[0]) == now[0] - success_at  # since the last success
+    assert count("ok") == 1 and count("error") == 3
+    assert allow.age_s(now[0]) == now[0] - 1_799_999_840.0  # the last good data ages on
+
+
+def test_log_if_stale_warns_about_old_data_only(caplog: pytest.LogCaptureFixture) -> None:
+    allow = Allowlist.from_config(AllowlistConfig())  # the bundled data, April 10, 2024
+    now = datetime(2024, 4, 10, tzinfo=UTC).timestamp()
+    with caplog.at_level(logging.WARNING, logger="gateway.ranges"):
+        assert not log_if_stale(allow, now + STALE_AFTER_S - 1, "hint")
+        assert log_if_stale(allow, now + STALE_AFTER_S + 86400, "run the update")
+        assert not log_if_stale(Allowlist(), now, "no data: no time, no warning")
+    [record] = caplog.records
+    assert "31 days old" in record.getMessage() and "run the update" in record.getMessage()
 
 
 @pytest.mark.parametrize(
@@ -350,6 +473,7 @@ def test_refresh_failure_keeps_last_good_set(
     assert allow.sync_token == SYNC and allow.contains("34.90.0.1")
     assert allow.last_refresh_error is not None and message in allow.last_refresh_error
     assert refresher.successes == 1 and refresher.failures == 1
+    assert allow.refresh_failing_s(allow.last_refresh_ok or 0) == 0.0  # failing since the success
 
 
 def test_refresh_unreachable_server_is_a_ranges_error() -> None:
@@ -400,8 +524,31 @@ def test_run_loop_survives_failures_and_stops(
     assert any(r.levelno == logging.INFO for r in caplog.records)
 
 
+def test_run_retries_a_failure_sooner_than_the_interval(server: tuple[str, Reply]) -> None:
+    url, reply = server
+    reply.status = 500
+    # a day between good refreshes, a moment between failed ones
+    allow, refresher = refresher_for(url, refresh_interval_s=86400, refresh_retry_s=0.05)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(refresher.run(stop))
+        while refresher.failures < 2:
+            await asyncio.sleep(0.01)
+        reply.status, reply.body = 200, new_list("1700000000000")
+        while refresher.successes < 1:
+            await asyncio.sleep(0.01)
+        hits = len(reply.hits)
+        stop.set()
+        await asyncio.wait_for(task, timeout=2)
+        assert len(reply.hits) == hits  # after the success it waited for the interval
+
+    asyncio.run(asyncio.wait_for(go(), timeout=10))
+    assert allow.contains(NEW_SENDER)
+
+
 def test_run_without_interval_returns_at_once() -> None:
-    _, refresher = refresher_for("http://127.0.0.1:9/cloud.json")
+    _, refresher = refresher_for("http://127.0.0.1:9/cloud.json", refresh_interval_s=0)
     asyncio.run(asyncio.wait_for(refresher.run(asyncio.Event()), timeout=1))
     assert refresher.successes == refresher.failures == 0
 
