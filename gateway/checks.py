@@ -139,7 +139,7 @@ def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
     for app in cfg.onesignal.apps:
         if app.api_key is None:
             problems += 1
-            print(f"onesignal app {app.app_id}: FAILED: ${app.api_key_env} is not set", file=out)
+            print(f"onesignal app {app.app_id}: FAILED: {app.api_key_source} is not set", file=out)
             continue
         if online:
             ok, detail = _onesignal_key_ok(cfg, app.app_id, app.api_key.reveal())
@@ -147,7 +147,7 @@ def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
             print(f"onesignal app {app.app_id}: {'ok' if ok else 'FAILED'}: {detail}", file=out)
         else:
             print(
-                f"onesignal app {app.app_id}: key present in ${app.api_key_env} "
+                f"onesignal app {app.app_id}: key present in {app.api_key_source} "
                 "(use --online to try it)",
                 file=out,
             )

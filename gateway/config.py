@@ -36,6 +36,7 @@ __all__ = [
     "TopicsConfig",
     "load_config",
     "parse_config",
+    "read_api_key",
 ]
 
 SOURCE_FORMATS = ("event-stream", "journey", "web-push")
@@ -216,6 +217,12 @@ class OneSignalApp:
     app_id: str
     api_key_env: str
     api_key: Secret | None
+    api_key_file: str = ""
+
+    @property
+    def api_key_source(self) -> str:
+        """Where the key is read from, for messages (never the key)."""
+        return f"file {self.api_key_file}" if self.api_key_file else f"${self.api_key_env}"
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,7 @@ class TagSyncConfig:
     group_instance_id: str = ""
     shutdown_timeout_s: float = 10.0
     metrics_port: int = 9102
+    auth_retry_s: float = 30.0
     rules: tuple[TagRule, ...] = ()
 
     def resolved_topics(self, template: str) -> tuple[str, ...]:
@@ -376,6 +384,20 @@ def _env_secret(env: Mapping[str, str], key: str, var: str, *, required: bool) -
             raise ConfigError(key, f"environment variable {var} is not set or empty")
         return None
     return Secret(value.strip())
+
+
+def read_api_key(app: OneSignalApp, env: Mapping[str, str] | None = None) -> Secret | None:
+    """The app's API key as its source holds it now (``api_key_file`` or ``api_key_env``),
+    or None when the source is empty or unset. Raises OSError for a file it cannot read.
+
+    Called at start-up and again while tag sync runs, so a key rotated in its file (a mounted
+    secret is updated in place) is picked up without a restart.
+    """
+    if app.api_key_file:
+        value = Path(app.api_key_file).read_text(encoding="utf-8").strip()
+        return Secret(value) if value else None
+    env = os.environ if env is None else env
+    return _env_secret(env, "", app.api_key_env, required=False)
 
 
 def _cidrs(key: str, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -591,13 +613,17 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         if not app_id:
             raise ConfigError(f"{t.key}.app_id", "is required")
         key_env = t.text("api_key_env", "")
-        apps.append(
-            OneSignalApp(
-                app_id=app_id,
-                api_key_env=key_env,
-                api_key=_env_secret(env, f"{t.key}.api_key_env", key_env, required=False),
-            )
-        )
+        key_file = t.text("api_key_file", "")
+        if key_env and key_file:
+            raise ConfigError(f"{t.key}.api_key_file", "set api_key_env or api_key_file, not both")
+        app = OneSignalApp(app_id=app_id, api_key_env=key_env, api_key=None, api_key_file=key_file)
+        try:
+            key = read_api_key(app, env)
+        except OSError as exc:
+            raise ConfigError(
+                f"{t.key}.api_key_file", f"cannot read {key_file}: {exc.strerror}"
+            ) from None
+        apps.append(dataclasses.replace(app, api_key=key))
         t.finish()
     onesignal = OneSignalConfig(
         api_url=o.text("api_url", OneSignalConfig.api_url).rstrip("/"),
@@ -657,6 +683,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         ),
         shutdown_timeout_s=ts.number("shutdown_timeout_s", 10.0, minimum=0),
         metrics_port=ts.integer("metrics_port", 9102, minimum=0),
+        auth_retry_s=ts.number("auth_retry_s", TagSyncConfig.auth_retry_s, minimum=0.5),
         rules=tuple(rules),
     )
     if tag_sync.heartbeat_interval_ms * 3 > tag_sync.session_timeout_ms:

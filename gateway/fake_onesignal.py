@@ -8,7 +8,9 @@ of), which is what ``check-config --online`` probes.
 It keeps what a checker needs: a log of every request (arrival time, path, headers, body,
 status) and the resulting tag state per user (merged per key; "" or null deletes). It enforces
 OneSignal's limits (1 request/s per user, a per-app rate) with 429 and ``Retry-After``, and
-plays scripted faults (429, 5xx, 4xx, slow answers) so the worker's reactions can be tested.
+plays scripted faults (429, 5xx, 4xx, slow answers) so the worker's reactions can be tested,
+and rotates an app's key (:meth:`FakeOneSignal.rotate_key`): the old key is then refused with
+401 (or 403), the new one accepted.
 
 >>> fake = FakeOneSignal(api_key="k").start()
 >>> fake.url   # 'http://127.0.0.1:41877'
@@ -129,6 +131,7 @@ class FakeOneSignal:
     ) -> None:
         """``api_key``: one key for every app, or ``{app_id: key}`` (other apps: 401)."""
         self.api_keys = api_key
+        self._refuse_status: dict[str, int] = {}  # app -> status for a wrong key (else 401)
         self.per_user_interval_s = per_user_interval_s
         self.app_rate_limit = app_rate_limit
         self.rate_limit_retry_after = rate_limit_retry_after
@@ -237,6 +240,21 @@ class FakeOneSignal:
                 Fault(count, status, ra, body, delay_s, app_id=app_id, alias_id=alias_id)
             )
 
+    def rotate_key(self, app_id: str, new_key: str, *, refuse_status: int = 401) -> None:
+        """The app's key is now ``new_key``; any other key (the old one) gets
+        ``refuse_status`` (401 as OneSignal does for a revoked key, or 403)."""
+        if refuse_status not in (401, 403):
+            raise ValueError("refuse_status must be 401 or 403")
+        with self._lock:
+            keys = self.api_keys
+            if isinstance(keys, str):  # one key for every app so far: the others keep it
+                self.api_keys = _EveryApp(keys, {app_id: new_key})
+            elif isinstance(keys, _EveryApp):
+                self.api_keys = _EveryApp(keys.default, {**keys, app_id: new_key})
+            else:
+                self.api_keys = {**keys, app_id: new_key}
+            self._refuse_status[app_id] = refuse_status
+
     def reset(self) -> None:
         with self._lock:
             self._log.clear()
@@ -260,6 +278,10 @@ class FakeOneSignal:
         if isinstance(self.api_keys, str):
             return self.api_keys
         return self.api_keys.get(app_id)
+
+    def _refused(self, app_id: str) -> JSONResponse:
+        status = self._refuse_status.get(app_id, 401)
+        return JSONResponse(_DEFAULT_FAULT_BODIES[status], status_code=status)
 
     def _take_fault(self, app_id: str, alias_id: str) -> Fault | None:
         for fault in self._faults:
@@ -351,7 +373,7 @@ class FakeOneSignal:
         auth = request.headers.get("authorization", "")
         scheme, _, given = auth.partition(" ")
         if key is None or scheme.lower() != "key" or given != key:
-            return JSONResponse(AUTH_ERROR, status_code=401)
+            return self._refused(app_id)
         with self._lock:
             fault = self._take_fault(app_id, alias_id)
         if fault is not None:
@@ -400,6 +422,17 @@ class FakeOneSignal:
                 else:
                     state[k] = v
         return JSONResponse({"properties": props}, status_code=202)
+
+
+class _EveryApp(dict[str, str]):
+    """Keys per app, and ``default`` for the apps not listed (after one app's rotation)."""
+
+    def __init__(self, default: str, keys: Mapping[str, str]) -> None:
+        super().__init__(keys)
+        self.default = default
+
+    def get(self, app_id: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(app_id, self.default)
 
 
 def _validate(body: Any) -> str | None:

@@ -21,6 +21,7 @@ from gateway.config import (
     TagSyncConfig,
     load_config,
     parse_config,
+    read_api_key,
 )
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.toml"
@@ -132,6 +133,17 @@ def test_example_config_documents_every_key() -> None:
         ({"tag_sync": {"rules": [{"kinds": []}]}}, {}, "tag_sync.rules[0].kinds"),
         ({"tag_sync": {"max_keys_per_request": 150}}, {}, "tag_sync.max_keys_per_request"),
         ({"onesignal": {"api_url": "api.onesignal.com"}}, {}, "onesignal.api_url"),
+        (
+            {"onesignal": {"apps": [{"app_id": "a", "api_key_env": "K", "api_key_file": "/k"}]}},
+            {"K": "key-value"},
+            "onesignal.apps[0].api_key_file",
+        ),
+        (
+            {"onesignal": {"apps": [{"app_id": "a", "api_key_file": "/nonexistent/key"}]}},
+            {},
+            "onesignal.apps[0].api_key_file",
+        ),
+        ({"tag_sync": {"auth_retry_s": 0}}, {}, "tag_sync.auth_retry_s"),
     ],
 )
 def test_errors_name_the_key(data: dict[str, Any], env: dict[str, str], key: str) -> None:
@@ -178,3 +190,24 @@ def test_allowlist_refresh_is_on_by_default_and_one_key_turns_it_off() -> None:
     # off, the URL may be empty too
     empty = parse_config({"allowlist": {"refresh_interval_s": 0, "refresh_url": ""}}, env={})
     assert empty.allowlist.refresh_url == ""
+
+
+def test_an_api_key_file_is_read_at_start_and_again_when_asked(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("first-key-value\n")
+    cfg = parse_config(
+        {"onesignal": {"apps": [{"app_id": "a", "api_key_file": str(key_file)}]}}, env={}
+    )
+    app = cfg.onesignal.apps[0]
+    assert app.api_key == Secret("first-key-value")  # stripped of the newline
+    assert app.api_key_source == f"file {key_file}" and "first" not in repr(app)
+    key_file.write_text("rotated-key-value")
+    assert read_api_key(app) == Secret("rotated-key-value")
+    key_file.write_text("  \n")
+    assert read_api_key(app) is None  # empty: the caller keeps the key it has
+    key_file.unlink()
+    with pytest.raises(OSError):
+        read_api_key(app)
+    env_app = dataclasses.replace(app, api_key_file="", api_key_env="K")
+    assert read_api_key(env_app, {"K": " env-key-value "}) == Secret("env-key-value")
+    assert read_api_key(env_app, {}) is None

@@ -85,6 +85,10 @@ def env_proxy_for(url: str) -> str | None:
 class UpdateSender(Protocol):
     async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response: ...
 
+    def set_api_key(self, app_id: str, key: Secret) -> None:
+        """Use ``key`` for the app's requests from now on (a rotated key, re-read)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -126,6 +130,9 @@ class OneSignalClient:
     @property
     def pools(self) -> int:
         return len(self._pools)
+
+    def set_api_key(self, app_id: str, key: Secret) -> None:
+        self._keys[app_id] = key
 
     def _pick(self) -> int:
         """The least busy pool (so none queues while another has a free connection)."""
@@ -184,6 +191,9 @@ class DryRunSender:
         self.out.write(orjson.dumps(line).decode() + "\n")
         self.out.flush()
         return Response(status=202, body="dry-run")
+
+    def set_api_key(self, app_id: str, key: Secret) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

@@ -135,6 +135,15 @@ class Coalescer:
         pending = self._pending.get(alias)
         return pending.sources[-1] if pending is not None and pending.sources else None
 
+    def users(self) -> list[Alias]:
+        """Every user with a pending update."""
+        return list(self._pending)
+
+    def sources(self, alias: Alias) -> tuple[SourceRef, ...]:
+        """Where the user's pending events came from (empty: nothing pending)."""
+        pending = self._pending.get(alias)
+        return tuple(pending.sources) if pending is not None else ()
+
     def next_due(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 

@@ -209,24 +209,27 @@ class Http1Client:
             host = f"{host}:{parts.port}"
         # already percent-encoded characters stay as they are
         self._prefix = quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=~")
-        common = (
+        self._common = (
             f"Host: {host}\r\nUser-Agent: {USER_AGENT}\r\nAccept: application/json\r\n"
             "Content-Type: application/json\r\n"
         )
-        # One header block per app, built once. A key that could not be a header value (a
-        # CR/LF would split the request) gives an error per request, as httpx did; the error
-        # never contains the key.
+        # One header block per app, built once (and again when its key is re-read).
         self._heads: dict[str, bytes | None] = {}
         for app_id, key in api_keys.items():
-            value = key.reveal()
-            ok = value.isprintable() and value.isascii()
-            self._heads[app_id] = (
-                (common + f"Authorization: Key {value}\r\n").encode("ascii") if ok else None
-            )
+            self.set_api_key(app_id, key)
         self._idle: deque[_Conn] = deque()
         self._all: set[_Conn] = set()
         self._sem: asyncio.Semaphore | None = None
         self._closed = False
+
+    def set_api_key(self, app_id: str, key: Secret) -> None:
+        """A key that could not be a header value (a CR/LF would split the request) gives an
+        error per request, as httpx did; the error never contains the key."""
+        value = key.reveal()
+        ok = value.isprintable() and value.isascii()
+        self._heads[app_id] = (
+            (self._common + f"Authorization: Key {value}\r\n").encode("ascii") if ok else None
+        )
 
     async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response:
         if alias.app_id not in self._heads:  # the worker dead-letters these first; a guard

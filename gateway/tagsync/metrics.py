@@ -1,7 +1,8 @@
 """Prometheus metrics of the tag-sync pipeline (Kafka source -> rules -> OneSignal sink).
 
 Defined once at import on the default registry, so several workers in one process (tests)
-share them; label values are bounded (statuses, reasons, configured rule keys, partitions).
+share them; label values are bounded (statuses, reasons, configured rule keys and app ids,
+partitions).
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
+    "AUTH_FAILING",
+    "AUTH_PAUSED_PARTITIONS",
+    "AUTH_PROBES",
     "COALESCED",
     "COMMITTED",
     "CONSUMER_LAG",
@@ -16,6 +20,7 @@ __all__ = [
     "DERIVED",
     "EVENTS",
     "IN_FLIGHT",
+    "KEY_RELOADS",
     "PAUSED",
     "PENDING_EVENTS",
     "REQUESTS",
@@ -51,7 +56,7 @@ COALESCED = Counter(
 )
 REQUESTS = Counter(
     "gateway_tagsync_requests",
-    "Update user requests by outcome (ok, retry, permanent, error, dry_run) and HTTP status.",
+    "Update user requests by outcome (ok, retry, permanent, auth, error) and HTTP status.",
     ["outcome", "status"],
 )
 RETRIED = Counter(
@@ -79,6 +84,25 @@ PENDING_EVENTS = Gauge(
 )
 IN_FLIGHT = Gauge("gateway_tagsync_requests_in_flight", "Update user requests in flight.")
 PAUSED = Gauge("gateway_tagsync_paused", "1 while partitions are paused for backpressure.")
+AUTH_FAILING = Gauge(
+    "gateway_tagsync_app_auth_failing",
+    "1 while OneSignal refuses the app's API key (401/403): its updates wait, not dead-lettered.",
+    ["app_id"],
+)
+AUTH_PAUSED_PARTITIONS = Gauge(
+    "gateway_tagsync_auth_paused_partitions",
+    "Partitions paused because they hold updates of an app whose API key is refused.",
+)
+AUTH_PROBES = Counter(
+    "gateway_tagsync_auth_probes",
+    "Held updates sent to try a refused app's API key again, by result (accepted, refused).",
+    ["result"],
+)
+KEY_RELOADS = Counter(
+    "gateway_tagsync_api_key_changes",
+    "Times a re-read API key (timer or SIGHUP) differed from the one in use.",
+    ["app_id"],
+)
 REQUEST_SECONDS = Histogram(
     "gateway_tagsync_request_duration_seconds",
     "Latency of Update user requests (one attempt).",

@@ -40,12 +40,16 @@ class Outcome(Enum):
     OK = "ok"
     RETRY = "retry"
     PERMANENT = "permanent"
+    AUTH = "auth"
 
 
 def classify(status: int) -> Outcome:
-    """2xx done; 408/429/5xx retry; any other status will not get better by retrying."""
+    """2xx done; 408/429/5xx retry; 401/403 the app's key is refused (the update waits for a
+    working key); any other status will not get better by retrying."""
     if 200 <= status < 300:
         return Outcome.OK
+    if status in (401, 403):
+        return Outcome.AUTH
     if status in (408, 429) or status >= 500:
         return Outcome.RETRY
     return Outcome.PERMANENT

@@ -29,8 +29,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol, TextIO
 
@@ -38,7 +38,8 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 
-from gateway.config import Config, ConfigError, Secret, TagSyncConfig
+from gateway.config import Config, ConfigError, Secret, TagSyncConfig, read_api_key
+from gateway.logs import register_secrets
 from gateway.records import KafkaRecord, decode_record
 
 from . import metrics as m
@@ -211,6 +212,7 @@ class SinkSettings:
     dead_letter_topic: str
     delete_value: str
     api_url: str
+    auth_retry_s: float = 30.0
 
     @classmethod
     def from_config(cls, ts: TagSyncConfig, api_url: str) -> SinkSettings:
@@ -227,7 +229,24 @@ class SinkSettings:
             dead_letter_topic=ts.dead_letter_topic,
             delete_value=ts.delete_value,
             api_url=api_url,
+            auth_retry_s=ts.auth_retry_s,
         )
+
+
+@dataclass(slots=True)
+class _AuthGate:
+    """One app whose API key OneSignal refused (401/403): its updates wait, none is
+    dead-lettered. One held request at a time probes the key, every ``auth_retry_s`` or as
+    soon as a re-read key differs; the app's other users are parked, and the partitions
+    their events came from are reported to the source, which pauses them."""
+
+    failing: bool = False
+    probing: bool = False
+    next_probe: float = 0.0
+    generation: int = 0  # bumped when the key changes, so a probe with the old key is stale
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    parked: dict[Alias, None] = field(default_factory=dict)
+    partitions: set[tuple[str, int]] = field(default_factory=set)
 
 
 class Sink:
@@ -264,6 +283,10 @@ class Sink:
         self._wake: asyncio.Event | None = None
         self._sem: asyncio.Semaphore | None = None
         self._sender: UpdateSender | None = None
+        self._auth: dict[str, _AuthGate] = {}
+        # Partitions holding updates of an app whose key is refused: the source pauses them.
+        # Replaced whole (never mutated), so the source thread reads it without a lock.
+        self.auth_blocked: frozenset[tuple[str, int]] = frozenset()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tagsync-sink", daemon=True)
         self.error: BaseException | None = None
@@ -296,6 +319,12 @@ class Sink:
         """Revoked or lost: nobody reads them here any more, so hold nobody for them."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._accept_forget, list(partitions))
+
+    def set_api_key(self, app_id: str, key: Secret | None, *, probe: bool = False) -> None:
+        """A re-read key for the app (None: unchanged); a new key, or ``probe``, makes a
+        refused app try its held update now instead of at the next ``auth_retry_s``."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._accept_key, app_id, key, probe)
 
     def submit_dead_letter(self, record: KafkaRecord, reason: str, src: SourceRef) -> None:
         assert self._loop is not None
@@ -341,13 +370,19 @@ class Sink:
         while True:
             now = time.monotonic()
             self._dispatch(now)
+            # users parked behind a refused key cannot be sent: shutdown does not wait for them
+            parked = sum(len(gate.parked) for gate in self._auth.values()) if self._auth else 0
             if self._draining and (
-                (not len(self._coalescer) and not self._tasks) or now >= self._deadline
+                (len(self._coalescer) <= parked and not self._tasks) or now >= self._deadline
             ):
                 if len(self._coalescer) or self._tasks:
                     log.warning(
                         "shutdown: giving up unfinished updates (they will be replayed)",
-                        extra={"pending_users": len(self._coalescer), "tasks": len(self._tasks)},
+                        extra={
+                            "pending_users": len(self._coalescer),
+                            "tasks": len(self._tasks),
+                            "auth_parked_users": parked,
+                        },
                     )
                 return
             timeout: float | None = None
@@ -377,6 +412,11 @@ class Sink:
             alias = next(due, None)
             if alias is None:
                 break
+            gate = self._auth.get(alias.app_id)
+            if gate is not None and gate.failing:
+                gate.parked[alias] = None  # back to the due queue once the key works
+                self._block(gate, self._coalescer.sources(alias))
+                continue
             wait = self._users.wait(alias, now)
             if wait > 0:
                 self._coalescer.defer(alias, now + wait)
@@ -472,6 +512,10 @@ class Sink:
             superseded += result.superseded
             if not result.attached:
                 dropped.append(src)
+            elif self._auth:
+                gate = self._auth.get(alias.app_id)
+                if gate is not None and gate.failing:
+                    self._block(gate, (src,))
         if superseded:
             m.COALESCED.inc(superseded)
         if dropped:
@@ -495,15 +539,139 @@ class Sink:
         self._release_held(now, everyone=True)
         for alias in self._coalescer.drain():
             self._coalescer.defer(alias, now)
+        for gate in self._auth.values():
+            self._signal(gate)  # requests waiting for a working key give up
         assert self._wake is not None
         self._wake.set()
+
+    # -- refused keys (401/403) ---------------------------------------------------------------
+
+    @staticmethod
+    def _signal(gate: _AuthGate) -> None:
+        """Wake every request waiting on the gate (they look at it again)."""
+        gate.changed.set()
+        gate.changed = asyncio.Event()
+
+    def _block(self, gate: _AuthGate, sources: Iterable[SourceRef]) -> None:
+        before = len(gate.partitions)
+        gate.partitions.update((src.topic, src.partition) for src in sources)
+        if len(gate.partitions) != before:
+            self._publish_blocked()
+
+    def _publish_blocked(self) -> None:
+        self.auth_blocked = frozenset(
+            key for gate in self._auth.values() if gate.failing for key in gate.partitions
+        )
+
+    def _auth_refused(self, alias: Alias, batch: Batch, resp: Response, probe: int | None) -> None:
+        """A 401/403. ``probe``: the gate's generation when this request probed, else None."""
+        now = time.monotonic()
+        gate = self._auth.get(alias.app_id)
+        if gate is None:
+            gate = self._auth[alias.app_id] = _AuthGate()
+        if not gate.failing:
+            gate.failing = True
+            gate.next_probe = now + self.s.auth_retry_s
+            m.AUTH_FAILING.labels(alias.app_id).set(1)
+            log.warning(
+                "OneSignal refuses the app's API key; its updates wait for a working key",
+                extra={
+                    "app_id": alias.app_id,
+                    "status": resp.status,
+                    "retry_in_s": self.s.auth_retry_s,
+                },
+            )
+            # what the app already has pending: its partitions are paused too
+            for user in self._coalescer.users():
+                if user.app_id == alias.app_id:
+                    gate.partitions.update(
+                        (src.topic, src.partition) for src in self._coalescer.sources(user)
+                    )
+        elif probe is not None:
+            gate.probing = False
+            # a key that changed while the probe was out is tried at once
+            stale = probe != gate.generation
+            gate.next_probe = now if stale else now + self.s.auth_retry_s
+            m.AUTH_PROBES.labels("refused").inc()
+            log.info(
+                "API key still refused",
+                extra={"app_id": alias.app_id, "status": resp.status, "stale_key": stale},
+            )
+        self._block(gate, batch.sources)
+        self._publish_blocked()
+        self._signal(gate)
+
+    def _auth_accepted(self, app_id: str) -> None:
+        """A probe got an answer other than 401/403: the key works; release what waited."""
+        gate = self._auth.get(app_id)
+        if gate is None or not gate.failing:
+            return
+        gate.failing = False
+        gate.probing = False
+        m.AUTH_FAILING.labels(app_id).set(0)
+        m.AUTH_PROBES.labels("accepted").inc()
+        log.info(
+            "the app's API key is accepted again; sending its held updates",
+            extra={"app_id": app_id, "parked_users": len(gate.parked)},
+        )
+        now = time.monotonic()
+        for alias in gate.parked:
+            self._coalescer.defer(alias, now)
+        gate.parked.clear()
+        gate.partitions.clear()
+        self._publish_blocked()
+        self._signal(gate)
+        assert self._wake is not None
+        self._wake.set()
+
+    def _probe_unanswered(self, app_id: str) -> None:
+        """A probe without an HTTP answer (transport error): nothing learnt; next probe on
+        the timer, so waiting requests do not take turns hammering a dead connection."""
+        gate = self._auth.get(app_id)
+        if gate is not None and gate.failing:
+            gate.probing = False
+            gate.next_probe = time.monotonic() + self.s.auth_retry_s
+            self._signal(gate)
+
+    def _accept_key(self, app_id: str, key: Secret | None, probe: bool) -> None:
+        if key is not None:
+            assert self._sender is not None
+            self._sender.set_api_key(app_id, key)
+        gate = self._auth.get(app_id)
+        if gate is None:
+            return
+        if key is not None:
+            gate.generation += 1
+        if gate.failing and (probe or key is not None):
+            gate.next_probe = time.monotonic()
+            self._signal(gate)
+
+    async def _auth_turn(self, batch: Batch) -> bool | int:
+        """Before each attempt: True to send (the key is not refused), the gate's generation
+        to send as the app's probe, False to give up (shutting down while refused)."""
+        gate = self._auth.get(batch.alias.app_id)
+        while gate is not None and gate.failing:
+            if self._draining:
+                return False
+            self._block(gate, batch.sources)
+            now = time.monotonic()
+            if not gate.probing and now >= gate.next_probe:
+                gate.probing = True
+                return gate.generation
+            changed = gate.changed
+            timeout = None if gate.probing else gate.next_probe - now
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await changed.wait()
+        return True
 
     # -- one user's batch -------------------------------------------------------------------
 
     async def _run_batch(self, batch: Batch) -> None:
         try:
             for chunk in batch.chunks:
-                await self._deliver(batch, chunk)
+                if not await self._deliver(batch, chunk):
+                    return  # given up at shutdown: not done, so replayed
             self._done.put(batch.sources)
         finally:
             self._coalescer.finish(batch.alias, time.monotonic())
@@ -525,17 +693,28 @@ class Sink:
                 wait = got
             await asyncio.sleep(wait)
 
-    async def _deliver(self, batch: Batch, chunk: Mapping[str, TagValue]) -> None:
+    async def _deliver(self, batch: Batch, chunk: Mapping[str, TagValue]) -> bool:
+        """Send one chunk until it succeeded or was dead-lettered (True), or until shutdown
+        came while the app's key was refused (False)."""
         assert self._sem is not None and self._sender is not None
         alias = batch.alias
         app = self._app(alias.app_id)
         first = time.monotonic()
         attempt = 0
         while True:
+            turn = await self._auth_turn(batch)
+            if turn is False:
+                return False
+            probe = None if turn is True else int(turn)
             async with self._sem:
                 # The slot is taken before the app's window, so what the window admits is
                 # sent at once: the limit holds as the server sees it.
                 slot = await self._wait_turn(alias, app)
+                gate = self._auth.get(alias.app_id)
+                if probe is None and gate is not None and gate.failing:
+                    # refused while this waited for its turn: back to the gate, unsent
+                    app.release(slot, time.monotonic())
+                    continue
                 m.IN_FLIGHT.inc()
                 try:
                     resp = await self._sender.update_user(alias, chunk)
@@ -549,9 +728,20 @@ class Sink:
             outcome = Outcome.RETRY if resp.status is None else classify(resp.status)
             status = str(resp.status) if resp.status is not None else "none"
             m.REQUESTS.labels("error" if resp.status is None else outcome.value, status).inc()
+            if outcome is Outcome.AUTH:
+                # not the update's fault: it waits for a working key, however long, and the
+                # wait counts against neither max_attempts nor max_retry_elapsed_s
+                self._auth_refused(alias, batch, resp, probe)
+                attempt, first = 0, time.monotonic()
+                continue
+            if probe is not None:
+                if resp.status is None:
+                    self._probe_unanswered(alias.app_id)
+                else:
+                    self._auth_accepted(alias.app_id)
             if outcome is Outcome.OK:
                 app.success()
-                return
+                return True
             fields = {
                 "app_id": alias.app_id,
                 "alias_label": alias.label,
@@ -562,7 +752,7 @@ class Sink:
             if outcome is Outcome.PERMANENT:
                 log.warning("update rejected; dead-lettering", extra=fields)
                 await self._dead_letter_update(batch, chunk, f"http-{resp.status}", resp, attempt)
-                return
+                return True
             now = time.monotonic()
             retry_after = parse_retry_after(resp.retry_after)
             delay = backoff_delay(
@@ -574,7 +764,7 @@ class Sink:
             if attempt >= self.s.max_attempts or now - first + delay > self.s.max_retry_elapsed_s:
                 log.warning("retries exhausted; dead-lettering", extra=fields)
                 await self._dead_letter_update(batch, chunk, "retries-exhausted", resp, attempt)
-                return
+                return True
             m.RETRIED.labels("timeout" if resp.status is None else status).inc()
             log.info("update will be retried", extra={**fields, "delay_s": round(delay, 3)})
             await asyncio.sleep(delay)
@@ -679,6 +869,11 @@ class TagSyncWorker:
             a.app_id: a.api_key for a in config.onesignal.apps if a.api_key is not None
         }
         self.known_apps = {a.app_id for a in config.onesignal.apps}
+        # the keys are re-read every auth_retry_s and on SIGHUP (request_key_reload)
+        register_secrets(k.reveal() for k in self.keys.values())
+        self._reload_keys = threading.Event()
+        self._next_key_read = time.monotonic() + self.ts.auth_retry_s
+        self._auth_paused: set[TopicPartition] = set()
         self.topics = self.ts.resolved_topics(config.kafka.topic)
         self._out = out
         self._lock = threading.Lock()
@@ -715,8 +910,10 @@ class TagSyncWorker:
             if app.api_key is None:
                 log.warning(
                     "no API key for app; its events will be dead-lettered",
-                    extra={"app_id": app.app_id, "api_key_env": app.api_key_env},
+                    extra={"app_id": app.app_id, "api_key_source": app.api_key_source},
                 )
+            else:
+                m.AUTH_FAILING.labels(app.app_id).set(0)
         if not self.rules:
             log.warning("tag_sync.rules is empty: events are consumed and committed, nothing sent")
         opts = self.cfg.kafka.client_options()
@@ -798,6 +995,7 @@ class TagSyncWorker:
                 raise RuntimeError(f"tag-sync sink stopped: {self.sink.error!r}")
             self._collect_done()
             self._maybe_commit()
+            self._maybe_reread_keys()
             self._flow_control()
             polled = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
             if polled:
@@ -849,6 +1047,49 @@ class TagSyncWorker:
         if self.producer is not None:
             self.producer.close(timeout=5)
         log.info("tag sync stopped")
+
+    # -- API keys -----------------------------------------------------------------------------
+
+    def request_key_reload(self) -> None:
+        """Re-read every app's API key now and probe refused apps at once (SIGHUP)."""
+        self._reload_keys.set()
+
+    def _maybe_reread_keys(self) -> None:
+        now = time.monotonic()
+        asked = self._reload_keys.is_set()
+        if not asked and now < self._next_key_read:
+            return
+        self._reload_keys.clear()
+        self._next_key_read = now + self.ts.auth_retry_s
+        assert self.sink is not None
+        for app in self.cfg.onesignal.apps:
+            current = self.keys.get(app.app_id)
+            if current is None:
+                continue  # no key at start-up: its events are dead-lettered (see _handle)
+            try:
+                key = read_api_key(app)
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "cannot re-read the app's API key; keeping the one in use",
+                    extra={
+                        "app_id": app.app_id,
+                        "api_key_source": app.api_key_source,
+                        "error": type(exc).__name__,
+                    },
+                )
+                key = None
+            changed = key is not None and key != current
+            if changed:
+                assert key is not None
+                register_secrets([key.reveal()])  # before anything could log it
+                self.keys[app.app_id] = key
+                m.KEY_RELOADS.labels(app.app_id).inc()
+                log.info(
+                    "the app's API key changed; using the new one",
+                    extra={"app_id": app.app_id, "api_key_source": app.api_key_source},
+                )
+            if changed or asked:
+                self.sink.set_api_key(app.app_id, key if changed else None, probe=asked)
 
     # -- records ------------------------------------------------------------------------------
 
@@ -988,7 +1229,26 @@ class TagSyncWorker:
             log.info("resumed", extra={"pending": outstanding})
         # (a rebalance may assign new partitions, unpaused: this pauses them too)
         assignment = self.consumer.assignment()
-        want = set(assignment) if self._paused else self._waiting_turn(assignment)
+        # Partitions holding updates of an app whose key OneSignal refuses: reading on would
+        # only pile up records that cannot be committed past the held one.
+        assert self.sink is not None
+        blocked = self.sink.auth_blocked
+        auth = {tp for tp in assignment if (tp.topic, tp.partition) in blocked}
+        if auth != self._auth_paused:
+            if auth - self._auth_paused:
+                log.warning(
+                    "paused partitions holding updates of an app whose API key is refused",
+                    extra={"partitions": _names(auth - self._auth_paused)},
+                )
+            if self._auth_paused - auth:
+                log.info(
+                    "resumed partitions: the API key is accepted again",
+                    extra={"partitions": _names(self._auth_paused - auth)},
+                )
+            self._auth_paused = auth
+            m.AUTH_PAUSED_PARTITIONS.set(len(auth))
+        # (a partition paused for a key cannot finish a reading turn: no turns for those)
+        want = set(assignment) if self._paused else self._waiting_turn(assignment - auth) | auth
         have = self.consumer.paused()
         if want - have:
             self.consumer.pause(*(want - have))
@@ -1072,8 +1332,13 @@ def run_tag_sync(
             log.info("signal received; shutting down", extra={"signal": signum})
             stop.set()
 
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            log.info("SIGHUP: re-reading the API keys", extra={"signal": signum})
+            worker.request_key_reload()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             restore[sig] = signal.signal(sig, on_signal)
+        restore[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         return worker.run()
     finally:
