@@ -70,6 +70,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+def _missing_topic_chatter(record: logging.LogRecord) -> bool:
+    return not (
+        record.levelno == logging.ERROR and record.msg == "Topic %s not found in cluster metadata"
+    )
+
+
 def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -78,3 +84,7 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # kafka-python is chatty at INFO about every reconnect; its warnings still show.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    # ... and logs "Topic X not found in cluster metadata" at ERROR every retry_backoff_ms
+    # (ten lines a second per topic) while a topic is missing; the gateway says it once, with
+    # the fix, from its topic watcher and in /readyz
+    logging.getLogger("kafka.cluster").addFilter(_missing_topic_chatter)

@@ -7,6 +7,7 @@ import logging
 import uuid
 
 import httpx
+import pytest
 
 from gateway import samples
 from gateway.embedded_broker import EmbeddedBroker
@@ -74,3 +75,24 @@ def test_secrets_absent_from_server_logs_metrics_and_errors(broker: EmbeddedBrok
     for text in texts:
         assert SECRET not in text and ROTATED not in text  # ...without the secrets
         assert SECRET[:-1] not in text  # nor a near-miss someone sent
+
+
+def test_kafka_pythons_missing_topic_retries_are_not_logged_ten_times_a_second(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("info")
+        cluster = logging.getLogger("kafka.cluster")
+        for _ in range(20):
+            cluster.error("Topic %s not found in cluster metadata", "onesignal.push")
+        cluster.error("Topic %s is unauthorized", "onesignal.push")  # other errors still show
+        out = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert "not found in cluster metadata" not in out
+    assert "onesignal.push is unauthorized" in out
