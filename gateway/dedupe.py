@@ -12,8 +12,8 @@ The window remembers the kind of the latest acknowledged record of each id.
 
 Memory is allocated once, up front, and never grows: ``max_entries`` 64-bit id hashes in a ring
 (oldest first, each with its expiry and its kind's 64-bit hash) and an open-addressing table
-over them (linear probing, backward-shift deletion, so no tombstones accumulate). About 48
-bytes an entry: 1M entries is ~48 MB, where a dict of id strings took ~195 bytes an entry and
+over them (linear probing, backward-shift deletion, so no tombstones accumulate). About 49
+bytes an entry: 1M entries is ~49 MB, where a dict of id strings took ~195 bytes an entry and
 grew with traffic. When the ring is full the oldest id leaves first, so under heavy traffic the
 effective window is ``max_entries`` events rather than ``window_s`` seconds.
 
