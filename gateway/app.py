@@ -4,6 +4,14 @@ One request goes: client IP (trusted proxies) -> allowlist -> shared secret -> b
 parse -> normalize -> dedupe -> publish and wait for the ack -> answer. Nothing is answered
 2xx unless Kafka acknowledged it (the event's record, or its dead-letter record).
 
+OneSignal retries a refused delivery only a few times and then drops it, so once a request
+passed a source's sender checks (a source with a shared secret), no body is refused: one that
+cannot be decoded, normalized or even turned into a record goes byte for byte to the
+dead-letter topic, and the sender gets its 2xx once that is acknowledged. Only the sender
+checks (403), the method (405) and the size limit (413) refuse a request; Kafka being unable
+to take a record is a 503. The web-push source has no secret: anyone can post to it, so it
+still refuses bodies it cannot decode with 4xx.
+
 The source routes are plain ASGI callables in front of Starlette: they are the hot path, and
 Starlette's request, response and middleware objects cost more per request than everything
 the gateway itself does before the Kafka send. The operational routes (health, readiness,
@@ -17,6 +25,7 @@ import contextlib
 import hmac
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,12 +42,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import normalize, ranges, trust
 from .config import CHANNELS, Config, SourceConfig
-from .dedupe import SeenWindow
+from .dedupe import CONFLICT, DUPLICATE, SeenWindow
 from .event import NormalizationError, NormalizedEvent, Received
 from .metrics import IngressMetrics
 from .openapi import openapi_document
-from .parsing import BadRequest, decode_body
-from .records import KafkaRecord, build_dead_letter, build_record
+from .parsing import BadRequest, TextBody, decode_body
+from .records import KafkaRecord, build_dead_letter, build_record, record_size
 from .sink import PublishResult, SinkBase, Unavailable, create_sink
 from .topics import TopicWatcher
 
@@ -60,6 +69,10 @@ _OUTCOMES = (
     "too_large",
 )
 _JSON = (b"content-type", b"application/json")
+# OneSignal's event.id is a UUID: a longer id header value is not one, and would not fit the
+# dead letter's header (records caps it at 256 bytes), so it is not used.
+_MAX_ID_CHARS = 256
+_USER_QUERY_FIELDS = ("onesignal_id", "external_id")
 
 
 @dataclass(slots=True)
@@ -93,7 +106,11 @@ class _ClientGone(Exception):
 
 @dataclass
 class Gateway:
-    """What the routes share: config, the sink, the allowlist, metrics, the dedupe window."""
+    """What the routes share: config, the sink, the allowlist, metrics, the dedupe windows.
+
+    Each source has its own window (``max_entries`` ids each) and its own in-flight ids, so
+    one source's ids never evict or shadow another's.
+    """
 
     config: Config
     sink: SinkBase
@@ -102,13 +119,18 @@ class Gateway:
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
     proxies: trust.TrustedProxies = field(init=False)
-    seen: SeenWindow = field(init=False)
-    # ids whose record is being published right now: a concurrent duplicate waits for the outcome
-    pending: dict[str, asyncio.Future[bool]] = field(init=False, default_factory=dict)
+    seen: dict[str, SeenWindow] = field(init=False)
+    # per source, ids whose record is being published right now, with their kind: a concurrent
+    # duplicate waits for the outcome
+    pending: dict[str, dict[str, tuple[str, asyncio.Future[bool]]]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.proxies = trust.TrustedProxies(self.config.server.trusted_proxies)
-        self.seen = SeenWindow(self.config.dedupe.window_s, self.config.dedupe.max_entries)
+        dedupe = self.config.dedupe
+        self.seen = {
+            s.name: SeenWindow(dedupe.window_s, dedupe.max_entries) for s in self.config.sources
+        }
+        self.pending = {s.name: {} for s in self.config.sources}
 
     def received(self, source: SourceConfig, client_ip: str) -> Received:
         return Received(
@@ -150,6 +172,13 @@ class _SourceRoute:
         self.proxy_header = gw.config.server.proxy_header
         self.allow_text = source.format == "journey"
         self.web = source.format == "web-push"
+        # a sender that proved itself with the secret loses what is refused: keep every body
+        self.keep_all = source.require_secret
+        self.id_header = source.id_header.encode() if source.id_header else None
+        self.user_headers = {f: h.encode() for f, h in source.user_headers.items()}
+        self.seen = gw.seen[source.name]
+        self.pending = gw.pending[source.name]
+        self.conflicts = gw.metrics.dedupe_conflicts.labels(source.name)
         self.max_body = gw.config.server.max_body_bytes
         self.outcomes = {name: gw.metrics.requests.labels(source.name, name) for name in _OUTCOMES}
         self.latency = gw.metrics.request_seconds.labels(source.name)
@@ -308,6 +337,9 @@ class _SourceRoute:
             reply.close = True  # the rest of the body is not read
             return reply
         content_type = headers.get(b"content-type", b"").decode("latin-1")
+        received = self.gw.received(source, client.ip)
+        header_id = self._header_id(headers)
+        letter = _Letter(body, content_type, received, header_id)
         try:
             payload = decode_body(
                 body,
@@ -316,75 +348,149 @@ class _SourceRoute:
                 allow_text=self.allow_text,
             )
         except BadRequest as exc:
+            if self.keep_all:
+                return await self._dead_letter(exc.code, exc.message, letter)
             self._count("unsupported_media_type" if exc.status == 415 else "bad_request")
             return _error(exc.status, exc.code, exc.message)
 
-        received = self.gw.received(source, client.ip)
         try:
             event = normalize.normalize_for_source(
                 payload,
                 source,
                 unknown_kinds=self.gw.config.kafka.unknown_kinds,
-                fresh_id=_random_id,  # the web-push SDK never retries: a new id per request
+                fresh_id=_random_id,  # a new id per request: two id-less requests, two events
+                header_id=header_id,
+                user=self._user(scope, headers) if isinstance(payload, TextBody) else None,
             )
         except NormalizationError as exc:
-            return await self._dead_letter(exc.reason, str(exc), body, content_type, received)
-        return await self._publish_event(event, received)
+            return await self._dead_letter(exc.reason, str(exc), letter)
+        except Exception as exc:  # a bug must not cost the sender its event: keep the bytes
+            return await self._internal_error(exc, letter)
+        return await self._publish_event(event, letter)
 
-    async def _publish_event(self, event: NormalizedEvent, received: Received) -> _Reply:
+    def _header_id(self, headers: Mapping[bytes, bytes]) -> str | None:
+        """The configured id header's value, when present, non-empty and id-sized."""
+        if self.id_header is None:
+            return None
+        text = _header_text(headers.get(self.id_header, b"")).strip()
+        if not text or len(text) > _MAX_ID_CHARS:
+            return None
+        return text
+
+    def _user(self, scope: Scope, headers: Mapping[bytes, bytes]) -> dict[str, str]:
+        """User ids a Journey webhook templated into its URL query or configured headers.
+
+        A configured header wins over the query parameter of the same field.
+        """
+        user: dict[str, str] = {}
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        for name in _USER_QUERY_FIELDS:
+            values = query.get(name)
+            if values and values[0].strip() and len(values[0]) <= _MAX_ID_CHARS:
+                user[name] = values[0].strip()
+        for name, header_name in self.user_headers.items():
+            text = _header_text(headers.get(header_name, b"")).strip()
+            if text and len(text) <= _MAX_ID_CHARS:
+                user[name] = text
+        return user
+
+    async def _publish_event(self, event: NormalizedEvent, letter: _Letter) -> _Reply:
         gw = self.gw
         cfg = gw.config.kafka
-        if gw.seen.seen(event.id, gw.monotonic()):
-            self._count("duplicate")
-            return _Reply(200, {"status": "duplicate", "id": event.id})
-        pending = gw.pending.get(event.id)
-        if pending is not None:
-            # the same event is being published by a concurrent request: share its outcome
-            try:
-                ok = await asyncio.wait_for(asyncio.shield(pending), cfg.ack_timeout_s)
-            except TimeoutError:
-                ok = False
-            if ok:
+        marker: asyncio.Future[bool] | None = None
+        if event.deduplicate:
+            state = self.seen.check(event.id, event.kind, gw.monotonic())
+            if state == DUPLICATE:
                 self._count("duplicate")
                 return _Reply(200, {"status": "duplicate", "id": event.id})
-            return self._unavailable("the first delivery of this event id did not reach Kafka")
+            conflict = state == CONFLICT
+            pending = self.pending.get(event.id)
+            if pending is not None and pending[0] == event.kind:
+                # the same event is being published by a concurrent request: share its outcome
+                try:
+                    ok = await asyncio.wait_for(asyncio.shield(pending[1]), cfg.ack_timeout_s)
+                except TimeoutError:
+                    ok = False
+                if ok:
+                    self._count("duplicate")
+                    return _Reply(200, {"status": "duplicate", "id": event.id})
+                return self._unavailable("the first delivery of this event id did not reach Kafka")
+            if pending is not None:
+                conflict = True
+            if conflict:
+                # one id, two kinds: a template that hard-codes the id, not a retry. Both are
+                # events; publish this one too, and say so where an operator looks
+                self.conflicts.inc()
+                log.warning(
+                    "event id reused by an event of another kind: published, not deduplicated",
+                    extra={"source": self.source.name, "event_id": event.id, "kind": event.kind},
+                )
+            if pending is None:
+                marker = asyncio.get_running_loop().create_future()
 
-        record = build_record(
-            event,
-            received,
-            topic_template=cfg.topic,
-            source_name=self.source.name,
-            content_mode=cfg.content_mode,
-        )
-        marker: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        gw.pending[event.id] = marker
+        try:
+            record = build_record(
+                event,
+                letter.received,
+                topic_template=cfg.topic,
+                source_name=self.source.name,
+                content_mode=cfg.content_mode,
+            )
+        except Exception as exc:  # a bug must not cost the sender its event: keep the bytes
+            return await self._internal_error(exc, letter)
+        if record_size(record) > cfg.max_request_size:
+            # the body fits (server.max_body_bytes), but normalized it does not: keep the body
+            return await self._dead_letter(
+                "record-too-large",
+                f"the normalized record is over kafka.max_request_size ({cfg.max_request_size})",
+                letter,
+            )
+        if marker is not None:
+            self.pending[event.id] = (event.kind, marker)
         try:
             result = await gw.sink.publish(record)
         except Unavailable as exc:
-            marker.set_result(False)
+            if marker is not None:
+                marker.set_result(False)
             return self._unavailable(str(exc))
         except BaseException:
-            marker.set_result(False)
+            if marker is not None:
+                marker.set_result(False)
             raise
         finally:
-            gw.pending.pop(event.id, None)
-        marker.set_result(True)
-        gw.seen.add(event.id, gw.monotonic())
+            if marker is not None:
+                self.pending.pop(event.id, None)
+        if marker is not None:
+            marker.set_result(True)
+        if event.deduplicate:
+            self.seen.add(event.id, gw.monotonic(), event.kind)
         gw.metrics.events.labels(event.kind).inc()
         self._count("accepted")
         return _Reply(200, _accepted_body(event.id, result))
 
-    async def _dead_letter(
-        self, reason: str, detail: str, body: bytes, content_type: str, received: Received
-    ) -> _Reply:
+    async def _internal_error(self, exc: Exception, letter: _Letter) -> _Reply:
+        log.error(
+            "normalizing or building the record failed; the body is dead-lettered",
+            exc_info=exc,
+            extra={"source": self.source.name},
+        )
+        detail = f"{type(exc).__name__} in the gateway (a bug; see its log): {exc}"
+        return await self._dead_letter("internal-error", detail, letter)
+
+    async def _dead_letter(self, reason: str, detail: str, letter: _Letter) -> _Reply:
+        extra: list[tuple[str, bytes]] = []
+        if letter.header_id is not None:
+            # replay reads the id from here: the request's headers are not kept otherwise
+            extra.append(("dlq_event_id", letter.header_id.encode("utf-8", "backslashreplace")))
         record = build_dead_letter(
             topic=self.gw.config.kafka.dead_letter_topic,
             reason=reason,
             detail=detail,
-            body=body,
+            body=letter.body,
             source_name=self.source.name,
-            received=received,
-            content_type=content_type,
+            received=letter.received,
+            content_type=letter.content_type,
+            extra_headers=extra,
         )
         return await self._publish_dead_letter(record, reason)
 
@@ -412,6 +518,24 @@ class _SourceRoute:
             "the event could not be stored durably right now; retry later",
             retry_after=str(self.gw.config.kafka.retry_after_s),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Letter:
+    """What a dead letter of this request would keep."""
+
+    body: bytes
+    content_type: str
+    received: Received
+    header_id: str | None
+
+
+def _header_text(value: bytes) -> str:
+    # HTTP header values are bytes; OneSignal renders Liquid into them as UTF-8
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _random_id() -> str:
@@ -491,7 +615,7 @@ def create_app(
 
     async def metrics_route(request: Request) -> Response:
         metrics.allowlist_ranges.set(gw.allowlist.size)
-        metrics.dedupe_entries.set(len(gw.seen))
+        metrics.dedupe_entries.set(sum(len(w) for w in gw.seen.values()))
         metrics.in_flight.set(gw.sink.in_flight)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

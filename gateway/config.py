@@ -21,6 +21,7 @@ from typing import Any
 import netaddr
 
 __all__ = [
+    "RECORD_HEADROOM_BYTES",
     "AllowlistConfig",
     "Config",
     "ConfigError",
@@ -70,6 +71,23 @@ MAPPABLE_FIELDS = (
 )
 
 
+# Bytes a Kafka record may need beyond the request body it carries: the dead-letter headers
+# (records.build_dead_letter caps each of them so that their sum stays below this), the key and
+# the record batch framing. A body up to ``kafka.max_request_size`` minus this always fits.
+RECORD_HEADROOM_BYTES = 4096
+# kafka-python's default max_request_size, below Kafka's default message.max.bytes (1048588).
+_KAFKA_MAX_REQUEST_SIZE = 1_048_576
+# Header names OneSignal does not let a stream or webhook set (onesignal-reference.md 1.5);
+# an id or user header by one of these names could never arrive.
+_UNSETTABLE_HEADERS = frozenset(
+    {"content-length", "referer", "metadata-flavor", "x-google-metadata-request", "host"}
+)
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
+# The user fields a Journey webhook may template into a header (plain-text bodies are keyed
+# by them).
+USER_HEADER_FIELDS = ("onesignal_id", "external_id")
+
+
 class ConfigError(ValueError):
     """A configuration problem, with the dotted key it concerns in the message."""
 
@@ -108,7 +126,7 @@ class ServerConfig:
     port: int = 8080
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
     proxy_header: str = "x-forwarded-for"
-    max_body_bytes: int = 65536
+    max_body_bytes: int = _KAFKA_MAX_REQUEST_SIZE - RECORD_HEADROOM_BYTES
     max_json_depth: int = 64
     timeout_keep_alive: int = 620
     limit_concurrency: int = 0
@@ -151,6 +169,7 @@ class KafkaConfig:
     request_timeout_ms: int = 10000
     delivery_timeout_ms: int = 30000
     max_block_ms: int = 2000
+    max_request_size: int = _KAFKA_MAX_REQUEST_SIZE
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = ""
     sasl_username: str = ""
@@ -210,6 +229,8 @@ class SourceConfig:
     app_id: str = ""
     cors_origins: tuple[str, ...] = ("*",)
     mapping: Mapping[str, str] = field(default_factory=dict)
+    id_header: str = ""
+    user_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -426,6 +447,18 @@ def _topic_ok(key: str, topic: str) -> str:
     return topic
 
 
+def _header_name(key: str, name: str, *, secret_header: str) -> str:
+    """A request header name OneSignal can set, lowercased (ASGI gives names lowercased)."""
+    lowered = name.strip().lower()
+    if not _HEADER_NAME.fullmatch(lowered):
+        raise ConfigError(key, f"not an HTTP header name (1-64 token characters): {name!r}")
+    if lowered in _UNSETTABLE_HEADERS or lowered.startswith("x-onesignal"):
+        raise ConfigError(key, f"OneSignal cannot send a header named {lowered!r}")
+    if lowered in ("content-type", secret_header):
+        raise ConfigError(key, f"{lowered!r} carries something else; name a header of its own")
+    return lowered
+
+
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Build a :class:`Config` from parsed TOML; ``env`` resolves the secrets' variables."""
     env = os.environ if env is None else env
@@ -500,6 +533,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         request_timeout_ms=k.integer("request_timeout_ms", 10000, minimum=100),
         delivery_timeout_ms=k.integer("delivery_timeout_ms", 30000, minimum=100),
         max_block_ms=k.integer("max_block_ms", 2000, minimum=0),
+        max_request_size=k.integer(
+            "max_request_size", KafkaConfig.max_request_size, minimum=2 * RECORD_HEADROOM_BYTES
+        ),
         security_protocol=k.text(
             "security_protocol", "PLAINTEXT", ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         ),
@@ -519,6 +555,16 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     if kafka.delivery_timeout_ms < kafka.linger_ms + kafka.request_timeout_ms:
         raise ConfigError(
             "kafka.delivery_timeout_ms", "must be at least linger_ms + request_timeout_ms"
+        )
+    if server.max_body_bytes + RECORD_HEADROOM_BYTES > kafka.max_request_size:
+        # a body the route accepts must fit the producer, or its record (or dead letter) fails
+        # after the sender was told to wait: refuse the config instead
+        raise ConfigError(
+            "server.max_body_bytes",
+            f"{server.max_body_bytes} bytes plus {RECORD_HEADROOM_BYTES} of record headers "
+            f"exceeds kafka.max_request_size ({kafka.max_request_size}); lower it to at most "
+            f"{kafka.max_request_size - RECORD_HEADROOM_BYTES} or raise kafka.max_request_size "
+            "(and the brokers' message.max.bytes with it)",
         )
     k.finish()
 
@@ -589,19 +635,39 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
                 raise ConfigError(
                     f"{t.key}.mapping.{field_name}", "must be a JSON Pointer such as '/event/kind'"
                 )
+        secret_header = t.text("secret_header", "authorization").lower()
+        id_header = t.text("id_header", "")
+        if id_header:
+            id_header = _header_name(f"{t.key}.id_header", id_header, secret_header=secret_header)
+        user_headers = t.text_map("user_headers")
+        for field_name, header_name in user_headers.items():
+            if field_name not in USER_HEADER_FIELDS:
+                raise ConfigError(
+                    f"{t.key}.user_headers.{field_name}",
+                    f"unknown field; one of {', '.join(USER_HEADER_FIELDS)}",
+                )
+            user_headers[field_name] = _header_name(
+                f"{t.key}.user_headers.{field_name}", header_name, secret_header=secret_header
+            )
+        if user_headers and fmt != "journey":
+            raise ConfigError(
+                f"{t.key}.user_headers", 'only applies to format = "journey" (plain-text bodies)'
+            )
         sources.append(
             SourceConfig(
                 name=name,
                 path=path,
                 format=fmt,
                 require_allowlisted_ip=t.flag("require_allowlisted_ip", not web),
-                secret_header=t.text("secret_header", "authorization").lower(),
+                secret_header=secret_header,
                 secrets_env=secrets_env,
                 secrets=secrets,
                 require_secret=require_secret,
                 app_id=t.text("app_id", ""),
                 cors_origins=t.texts("cors_origins", ("*",)),
                 mapping=mapping,
+                id_header=id_header,
+                user_headers=user_headers,
             )
         )
         t.finish()

@@ -2,14 +2,20 @@
 
 Pure: the caller passes ``now``. An id enters the window only after Kafka acknowledged its
 record, so a retry that follows a 503 is published, never swallowed. The window is per
-process; dedupe across replicas happens downstream on the CloudEvents ``id``.
+process, and the ingress keeps one per source; dedupe across replicas happens downstream on
+the CloudEvents ``id``.
+
+Each id is held with a hash of its event kind. The same id with another kind is not a retry:
+it is a template that hard-codes the id (or reuses one), and :meth:`SeenWindow.check` calls it
+a ``conflict`` so that the caller publishes it and counts it instead of dropping a real event.
+The window remembers the kind of the latest acknowledged record of each id.
 
 Memory is allocated once, up front, and never grows: ``max_entries`` 64-bit id hashes in a ring
-(oldest first, each with its expiry) and an open-addressing table over them (linear probing,
-backward-shift deletion, so no tombstones accumulate). About 40 bytes an entry: 1M entries is
-~40 MB, where a dict of id strings took ~195 bytes an entry and grew with traffic. When the
-ring is full the oldest id leaves first, so under heavy traffic the effective window is
-``max_entries`` events rather than ``window_s`` seconds.
+(oldest first, each with its expiry and its kind's 64-bit hash) and an open-addressing table
+over them (linear probing, backward-shift deletion, so no tombstones accumulate). About 49
+bytes an entry: 1M entries is ~49 MB, where a dict of id strings took ~195 bytes an entry and
+grew with traffic. When the ring is full the oldest id leaves first, so under heavy traffic the
+effective window is ``max_entries`` events rather than ``window_s`` seconds.
 
 Ids are compared by a 64-bit hash. Two different ids colliding would make a new event look
 like a duplicate; with 1M ids held the chance per event is about 5e-14.
@@ -19,8 +25,15 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
+from typing import Final
 
-__all__ = ["SeenWindow"]
+__all__ = ["CONFLICT", "DUPLICATE", "NEW", "SeenWindow"]
+
+# What :meth:`SeenWindow.check` says of an id: not held (or expired), held with the same kind,
+# held with another kind.
+NEW: Final = "new"
+DUPLICATE: Final = "duplicate"
+CONFLICT: Final = "conflict"
 
 _MASK64 = (1 << 64) - 1
 
@@ -29,6 +42,10 @@ def _hash64(event_id: str) -> int:
     # str hashes are cached on the object and seeded per process (which is all we need: the
     # window lives in one process); 0 marks an empty slot, so it is never a key
     return (hash(event_id) & _MASK64) or 1
+
+
+def _kind_hash(kind: str) -> int:
+    return hash(kind) & _MASK64
 
 
 class SeenWindow:
@@ -50,6 +67,7 @@ class SeenWindow:
         self._where = array("I", bytes(4 * size))  # ring position of the table's entry
         self._ring = array("Q", bytes(8 * capacity))  # id hash by age, 0 = empty
         self._expiry = array("d", bytes(8 * capacity))
+        self._kind = array("Q", bytes(8 * capacity))  # hash of the id's latest kind
         self._next = 0  # ring position the next id takes
         self._count = 0
 
@@ -75,13 +93,27 @@ class SeenWindow:
         slot = self._find(self._hash(event_id))
         return slot >= 0 and self._expiry[self._where[slot]] > now
 
-    def add(self, event_id: str, now: float) -> None:
+    def check(self, event_id: str, kind: str, now: float) -> str:
+        """:data:`NEW`, :data:`DUPLICATE` (same id, same kind) or :data:`CONFLICT`."""
+        if self.max_entries <= 0:
+            return NEW
+        slot = self._find(self._hash(event_id))
+        if slot < 0:
+            return NEW
+        pos = self._where[slot]
+        if self._expiry[pos] <= now:
+            return NEW
+        return DUPLICATE if self._kind[pos] == _kind_hash(kind) else CONFLICT
+
+    def add(self, event_id: str, now: float, kind: str = "") -> None:
         if self.max_entries <= 0:
             return
         h = self._hash(event_id)
         slot = self._find(h)
         if slot >= 0:  # seen before (perhaps expired): the window restarts from now
-            self._expiry[self._where[slot]] = now + self.window_s
+            pos = self._where[slot]
+            self._expiry[pos] = now + self.window_s
+            self._kind[pos] = _kind_hash(kind)
             return
         pos = self._next
         old = self._ring[pos]
@@ -90,6 +122,7 @@ class SeenWindow:
             self._count -= 1
         self._ring[pos] = h
         self._expiry[pos] = now + self.window_s
+        self._kind[pos] = _kind_hash(kind)
         self._insert(h, pos)
         self._count += 1
         self._next = (pos + 1) % self.max_entries

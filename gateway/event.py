@@ -50,8 +50,11 @@ class Received:
 class NormalizedEvent:
     """One OneSignal event.
 
-    - ``id``: OneSignal's ``event.id``; else a stable hash of the payload (``id_from_payload``
-      tells which).
+    - ``id``: OneSignal's ``event.id`` (``id_from_payload``: the sender supplied it, in the
+      body, a mapped field or the source's ``id_header``); else a stable hash of the payload,
+      which the ingress replaces by a fresh UUID (see ``normalize_for_source``).
+    - ``deduplicate``: whether a repeat of ``id`` is a retry of this event. Only ids the
+      sender supplied are: two real events can have identical bodies.
     - ``kind``: today's name of the event kind, e.g. ``message.push.clicked``; legacy and
       misspelled kinds are already mapped. ``channel`` and ``action`` are its two parts
       (``push``, ``clicked``).
@@ -76,6 +79,7 @@ class NormalizedEvent:
     raw: Any = None
     id_from_payload: bool = True
     original_kind: str | None = None
+    deduplicate: bool = True
 
     @property
     def subject(self) -> str | None:

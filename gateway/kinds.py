@@ -47,11 +47,12 @@ EVENT_STREAM_KINDS: frozenset[str] = frozenset(
     }
 )
 
-# Plus what only the browser SDK reports, and the one kind a Journey webhook step implies.
+# Plus what only the browser SDK reports, and the kinds a Journey webhook step implies.
 KNOWN_KINDS: frozenset[str] = EVENT_STREAM_KINDS | {
     "message.push.displayed",
     "message.push.dismissed",
     "journey.webhook",
+    "journey.webhook.text",  # a Journey webhook step with a plain-text body
 }
 
 # Old or misspelled actions, written without separators (the lookup strips them), mapped to
@@ -113,7 +114,9 @@ def _known_from_tokens(tokens: list[str]) -> str | None:
     channel, rest = taken
     prefix = "journey" if channel == "journey" else f"message.{channel}"
     action = "_".join(rest)
-    for candidate_action in (action, _ACTION_ALIASES.get(action.replace("_", ""))):
+    # "journey.webhook.text" is the one known kind whose action has two parts
+    dotted = ".".join(rest)
+    for candidate_action in (action, _ACTION_ALIASES.get(action.replace("_", "")), dotted):
         if candidate_action is not None:
             candidate = f"{prefix}.{candidate_action}"
             if candidate in KNOWN_KINDS:

@@ -206,6 +206,13 @@ class IngressMetrics:
             ["source", "reason"],
             registry=r,
         )
+        self.dedupe_conflicts = LoopCounter(
+            "gateway_dedupe_conflicts",
+            "Events whose id was already held (or in flight) for an event of another kind: "
+            "published anyway (a template that hard-codes the id), by source.",
+            ["source"],
+            registry=r,
+        )
         self.events = LoopCounter(
             "gateway_events",
             "Normalized events by kind (as published).",
@@ -223,7 +230,9 @@ class IngressMetrics:
             registry=r,
         )
         self.dedupe_entries = Gauge(
-            "gateway_dedupe_entries", "Event ids in the dedupe window.", registry=r
+            "gateway_dedupe_entries",
+            "Event ids in the dedupe windows (one per source), summed.",
+            registry=r,
         )
         self.allowlist_ranges = Gauge(
             "gateway_allowlist_ranges", "CIDR ranges in the sender allowlist.", registry=r

@@ -34,8 +34,13 @@ import orjson
 from .config import SOURCE_FORMATS, SourceConfig
 from .event import NormalizationError, NormalizedEvent
 from .kinds import KNOWN_KINDS, canonical_kind, split_kind
+from .parsing import TextBody
 
-__all__ = ["content_id", "normalize"]
+__all__ = ["JOURNEY_TEXT_KIND", "content_id", "journey_text_event", "normalize"]
+
+# A Journey webhook step with a plain-text body: an event of its own (there is nothing to read
+# a kind from), on the journey channel like ``journey.webhook``.
+JOURNEY_TEXT_KIND: Final = "journey.webhook.text"
 
 # Fixed forever: changing it changes every content-hash event id, and with it deduplication.
 _CONTENT_ID_NAMESPACE: Final = uuid.UUID("f8d415d0-9d35-4fc4-bd67-b4857773b56a")
@@ -914,6 +919,36 @@ def normalize(
         raw=payload,
         id_from_payload=event_id is not None,
         original_kind=original_kind,
+        deduplicate=event_id is not None,
+    )
+
+
+def journey_text_event(
+    text: str,
+    *,
+    event_id: str,
+    id_from_sender: bool,
+    user: Mapping[str, str],
+    default_app_id: str | None = None,
+) -> NormalizedEvent:
+    """The event of a Journey webhook whose body is plain text, not JSON.
+
+    The text is kept whole in ``data.text`` (and as ``raw``); the user comes from what the
+    webhook's URL or headers carry (``user``: ``onesignal_id``/``external_id``), since a text
+    body has no fields to read.
+    """
+    channel, action = split_kind(JOURNEY_TEXT_KIND)
+    return NormalizedEvent(
+        id=event_id,
+        kind=JOURNEY_TEXT_KIND,
+        channel=channel,
+        action=action,
+        app_id=default_app_id or None,
+        user={k: v for k, v in user.items() if v},
+        data={"text": text},
+        raw=text,
+        id_from_payload=id_from_sender,
+        deduplicate=id_from_sender,
     )
 
 
@@ -923,22 +958,50 @@ def normalize_for_source(
     *,
     unknown_kinds: str,
     fresh_id: Callable[[], str],
+    header_id: str | None = None,
+    user: Mapping[str, str] | None = None,
 ) -> NormalizedEvent:
     """What a configured source makes of a decoded body: the ingress and replay both use this.
 
-    Raises :class:`NormalizationError` for a body that is text rather than JSON (``not-json``),
-    one that cannot be normalized, or one of an unknown kind when ``unknown_kinds`` is
-    ``"dead-letter"``. ``fresh_id`` names web-push events that carry no subscription id: the
-    SDK sends no event id and, without CORS, no subscription id, so two people clicking one
-    notification send identical bytes, and a content hash would merge them into one event.
+    Ids: ``header_id`` (the value of the source's ``id_header``) wins over an id in the body.
+    The header is configured on purpose and OneSignal renders ``{{ event.id }}`` into it as it
+    is, where a body id may be found by suffix matching and passes through the admin's Liquid
+    quoting. An event with neither gets ``fresh_id()`` and is never deduplicated: identical
+    bodies without an id (two clicks) are two events, and a content hash would merge them.
+    Web-push events keep a content hash while they carry a subscription id (the browser SDK
+    sends no event id, and those fields identify the event); without one, two people
+    clicking one notification send identical bytes, so they get ``fresh_id()`` too.
+
+    A Journey body that is text rather than JSON is a :data:`JOURNEY_TEXT_KIND` event keyed by
+    ``user`` (what the URL or headers carried). Raises :class:`NormalizationError` for text
+    from another format (``not-json``), a body that cannot be normalized, or one of an unknown
+    kind when ``unknown_kinds`` is ``"dead-letter"``.
     """
-    if isinstance(payload, str):
-        raise NormalizationError("not-json", "the body is plain text, not JSON")
+    header_id = header_id.strip() if header_id else None
+    if isinstance(payload, TextBody):
+        if source.format != "journey":
+            raise NormalizationError("not-json", "the body is plain text, not JSON")
+        return journey_text_event(
+            str(payload),
+            event_id=header_id or fresh_id(),
+            id_from_sender=bool(header_id),
+            user=user or {},
+            default_app_id=source.app_id or None,
+        )
     event = normalize(
         payload, fmt=source.format, mapping=source.mapping, default_app_id=source.app_id or None
     )
-    if source.format == "web-push" and not event.subscription.get("id"):
-        event = dataclasses.replace(event, id=fresh_id(), id_from_payload=False)
+    if header_id:
+        event = dataclasses.replace(event, id=header_id, id_from_payload=True, deduplicate=True)
+    elif source.format == "web-push":
+        if event.subscription.get("id"):
+            event = dataclasses.replace(event, deduplicate=True)
+        else:
+            event = dataclasses.replace(
+                event, id=fresh_id(), id_from_payload=False, deduplicate=False
+            )
+    elif not event.id_from_payload:
+        event = dataclasses.replace(event, id=fresh_id(), deduplicate=False)
     if event.kind not in KNOWN_KINDS and unknown_kinds == "dead-letter":
         raise NormalizationError("unknown-kind", f"event kind {event.kind!r} is not known")
     return event

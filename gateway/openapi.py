@@ -32,7 +32,8 @@ _ACCEPTED = {
 _FORMAT_DOCS = {
     "event-stream": "OneSignal Event Streams and event webhooks: a JSON object rendered from the "
     "stream's Liquid body (nested `Event Data`/`Message Data`, flat dotted keys, or plain nested).",
-    "journey": "OneSignal Journey webhooks: a JSON object (or plain text, dead-lettered).",
+    "journey": "OneSignal Journey webhooks: a JSON object, or plain text (published as a "
+    "`journey.webhook.text` event, keyed by `external_id`/`onesignal_id` query parameters).",
     "web-push": "OneSignal Web SDK webhooks sent by browsers (v15 and v16 payloads), "
     "as application/json or text/plain.",
 }
@@ -47,7 +48,13 @@ def _operation(source: SourceConfig) -> dict[str, Any]:
         "operationId": f"receive_{source.name.replace('-', '_').replace('.', '_')}",
         "summary": f"Receive one OneSignal event ({source.format})",
         "description": _FORMAT_DOCS[source.format]
-        + " Answered 200 only once Kafka acknowledged the record.",
+        + " Answered 200 only once Kafka acknowledged the record."
+        + (
+            " Once the shared secret is checked, no body is refused: one that cannot be read "
+            "is dead-lettered byte for byte (200, status `dead-lettered`, with its reason)."
+            if source.require_secret
+            else ""
+        ),
         "requestBody": {
             "required": True,
             "content": {
@@ -60,11 +67,9 @@ def _operation(source: SourceConfig) -> dict[str, Any]:
                 "description": "Stored durably in Kafka (or a duplicate of an event that was).",
                 "content": {"application/json": {"schema": _ACCEPTED}},
             },
-            "400": err("Invalid JSON, invalid UTF-8, too deep, or empty."),
             "403": err("Sender address not allowed, or shared secret missing or wrong."),
             "405": err("Method not accepted."),
             "413": err("Body over the configured limit."),
-            "415": err("Content-Type or charset not accepted."),
             "503": {
                 "description": "Kafka could not take the event in time; retry after Retry-After.",
                 "headers": {"Retry-After": {"schema": {"type": "integer"}}},
@@ -74,6 +79,12 @@ def _operation(source: SourceConfig) -> dict[str, Any]:
     }
     if source.require_secret:
         op["security"] = [{f"{source.name}_secret": []}]
+    else:
+        # no secret, so anyone can post here: bodies that cannot be read are refused
+        responses = op["responses"]
+        responses["400"] = err("Invalid JSON, invalid UTF-8, too deep, or empty.")
+        responses["415"] = err("Content-Type or charset not accepted.")
+        op["responses"] = dict(sorted(responses.items()))
     return op
 
 

@@ -4,6 +4,11 @@ Binary content mode (default): the attributes are ``ce_*`` headers and the value
 normalized event as JSON, ``content-type: application/json``. Structured mode: the value is
 the whole CloudEvent as JSON, ``content-type: application/cloudevents+json``. Both follow the
 CloudEvents Kafka protocol binding, so any CloudEvents SDK reads them.
+
+An event whose sender gave no id carries the extension attribute ``idgenerated`` (``true``):
+its ``id`` is a fresh UUID made by the gateway, so two records with it are two events, and a
+consumer must not look for OneSignal's retries by it. (CloudEvents extension names are
+lowercase letters and digits only: no ``id_generated``.)
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ __all__ = [
     "build_record",
     "decode_record",
     "header",
+    "record_size",
 ]
+
+# Caps on what a dead letter's headers may hold, so that they stay well inside
+# config.RECORD_HEADROOM_BYTES whatever the request carried.
+_MAX_DETAIL_BYTES = 1000
+_MAX_CONTENT_TYPE_BYTES = 200
+_MAX_HEADER_BYTES = 256
+# The record batch framing and per-record varints kafka-python counts (at most ~100 bytes).
+_RECORD_FRAMING_BYTES = 128
 
 Headers = list[tuple[str, bytes]]
 
@@ -63,8 +77,12 @@ def build_record(
         attrs["subject"] = subject
     if value["occurred_at"] is not None:
         attrs["time"] = value["occurred_at"]
+    generated = not event.id_from_payload
     if content_mode == "structured":
-        body = {**attrs, "datacontenttype": "application/json", "data": value}
+        body: dict[str, Any] = {**attrs}
+        if generated:
+            body["idgenerated"] = True  # a CloudEvents Boolean in the JSON format
+        body.update(datacontenttype="application/json", data=value)
         return KafkaRecord(
             topic=topic,
             key=key,
@@ -72,6 +90,8 @@ def build_record(
             headers=[("content-type", b"application/cloudevents+json")],
         )
     headers: Headers = [(f"ce_{k}", v.encode()) for k, v in attrs.items()]
+    if generated:
+        headers.append(("ce_idgenerated", b"true"))
     headers.append(("content-type", b"application/json"))
     return KafkaRecord(topic=topic, key=key, value=_dumps(value), headers=headers)
 
@@ -88,18 +108,34 @@ def build_dead_letter(
     key: bytes | None = None,
     extra_headers: Sequence[tuple[str, bytes]] = (),
 ) -> KafkaRecord:
-    """A dead-letter record: the original bytes as the value, the why in headers."""
+    """A dead-letter record: the original bytes as the value, the why in headers.
+
+    Every header is capped, and text that is not valid Unicode (an exception's message may
+    quote a lone surrogate) is escaped rather than failing: a dead letter must always build.
+    """
     headers: Headers = [
-        ("dlq_reason", reason.encode()),
-        ("dlq_detail", detail[:1000].encode()),
-        ("dlq_source", source_name.encode()),
+        ("dlq_reason", _capped(reason, _MAX_HEADER_BYTES)),
+        ("dlq_detail", _capped(detail, _MAX_DETAIL_BYTES)),
+        ("dlq_source", _capped(source_name, _MAX_HEADER_BYTES)),
         ("dlq_received_at", rfc3339(received.at).encode()),
-        ("dlq_client_ip", received.client_ip.encode()),
+        ("dlq_client_ip", _capped(received.client_ip, _MAX_HEADER_BYTES)),
     ]
     if content_type:
-        headers.append(("content-type", content_type[:200].encode()))
-    headers.extend(extra_headers)
+        headers.append(("content-type", _capped(content_type, _MAX_CONTENT_TYPE_BYTES)))
+    headers.extend((k, v[:_MAX_HEADER_BYTES]) for k, v in extra_headers)
     return KafkaRecord(topic=topic, key=key, value=body, headers=headers)
+
+
+def _capped(text: str, limit: int) -> bytes:
+    return text.encode("utf-8", "backslashreplace")[:limit]
+
+
+def record_size(record: KafkaRecord) -> int:
+    """An upper bound of the size kafka-python checks against ``max_request_size``."""
+    size = _RECORD_FRAMING_BYTES + len(record.value) + len(record.key or b"")
+    for name, value in record.headers:
+        size += len(name) + len(value) + 10  # two varint lengths
+    return size
 
 
 def header(headers: Sequence[tuple[str, bytes | None]], name: str) -> str | None:
@@ -124,7 +160,7 @@ def decode_record(
         if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
             raise ValueError("structured CloudEvent without an object in 'data'")
         data = body.pop("data")
-        attrs = {k: str(v) for k, v in body.items() if k != "datacontenttype"}
+        attrs = {k: _attr_text(v) for k, v in body.items() if k != "datacontenttype"}
         return attrs, data
     attrs = {
         k[3:]: (v.decode("utf-8", "replace") if v is not None else "")
@@ -137,3 +173,10 @@ def decode_record(
     if not isinstance(data, dict):
         raise ValueError("CloudEvent data is not a JSON object")
     return attrs, data
+
+
+def _attr_text(value: Any) -> str:
+    # binary mode carries a Boolean as "true"/"false": read both modes the same way
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -1,12 +1,16 @@
 """``gateway replay``: publish the ingress dead-letter topic again, after a config fix.
 
-A payload lands on ``kafka.dead_letter_topic`` when it parsed but could not be normalized
-(``no-kind``, ``not-an-object``...) or when its kind was unknown and ``kafka.unknown_kinds`` is
-``dead-letter``. The record keeps the request body exactly and says in ``dlq_*`` headers which
-source received it, when and from where. Once the config is fixed (a ``mapping`` for a custom
-template, ``unknown_kinds = "publish"``), replay reads those records, runs each body through the
-*current* config's parsing and normalization, and publishes the normalized record as the
-ingress would have, with the original ``received`` time, source and client IP.
+A payload lands on ``kafka.dead_letter_topic`` when a source with a shared secret received a
+body it could not decode (``invalid-json``, ``invalid-utf8``, ``unsupported-media-type``...),
+when it parsed but could not be normalized (``no-kind``, ``not-an-object``...), when building
+its record failed (``internal-error``, ``record-too-large``), or when its kind was unknown and
+``kafka.unknown_kinds`` is ``dead-letter``. The record keeps the request body exactly and says
+in ``dlq_*`` headers which source received it, when and from where (and ``dlq_event_id``, the
+source's ``id_header`` value, which replay uses as the event's id). Once the config is fixed
+(a ``mapping`` for a custom template, ``unknown_kinds = "publish"``), replay reads those
+records, runs each body through the *current* config's parsing and normalization, and
+publishes the normalized record as the ingress would have, with the original ``received``
+time, source and client IP.
 
 Offsets of the replay's own consumer group (``<dead_letter_topic>.replay`` by default) are
 committed only after Kafka acknowledged every record published for them, so an interrupted run
@@ -48,9 +52,9 @@ __all__ = [
     "run_replay",
 ]
 
-# Ids for web-push events without a subscription id are derived from the dead letter's place in
-# the topic, so replaying the same dead letter twice yields the same CloudEvents id (the ingress
-# gives such events a random id because each request is a distinct click).
+# Ids for events the sender gave no id are derived from the dead letter's place in the topic, so
+# replaying the same dead letter twice yields the same CloudEvents id (the ingress gives such
+# events a random id because each request is a distinct event).
 _REPLAY_ID_NAMESPACE = uuid.UUID("3c5e0f1e-52a4-4f43-9a8e-6f0b3d3c2b71")
 _POLL_MS = 500
 _STALL_S = 30.0  # no record arriving for this long while the end is not reached: give up
@@ -150,6 +154,8 @@ def renormalize(
             unknown_kinds=cfg.kafka.unknown_kinds,
             # the dead letter's place names it, so replaying it twice gives the same id
             fresh_id=lambda: str(uuid.uuid5(_REPLAY_ID_NAMESPACE, place)),
+            # the source's id_header value, which the ingress kept in the dead letter
+            header_id=header(headers, "dlq_event_id"),
         )
     except NormalizationError as exc:
         raise ReplayError(exc.reason, str(exc)) from None

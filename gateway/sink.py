@@ -98,6 +98,7 @@ def producer_options(cfg: KafkaConfig) -> dict[str, Any]:
         request_timeout_ms=cfg.request_timeout_ms,
         delivery_timeout_ms=cfg.delivery_timeout_ms,
         max_block_ms=cfg.max_block_ms,
+        max_request_size=cfg.max_request_size,
         partitioner=KeyHashCachePartitioner(),
     )
     if cfg.compression_type:

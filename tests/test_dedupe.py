@@ -5,7 +5,7 @@ from collections import OrderedDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.dedupe import SeenWindow
+from gateway.dedupe import CONFLICT, DUPLICATE, NEW, SeenWindow
 
 
 def test_an_id_is_seen_within_the_window_only() -> None:
@@ -33,12 +33,26 @@ def test_a_zero_window_remembers_nothing() -> None:
     assert len(w) == 0
 
 
+def test_the_same_id_with_another_kind_is_a_conflict_not_a_duplicate() -> None:
+    w = SeenWindow(window_s=10, max_entries=100)
+    assert w.check("a", "message.push.clicked", now=0) == NEW
+    w.add("a", now=0, kind="message.push.clicked")
+    assert w.check("a", "message.push.clicked", now=1) == DUPLICATE
+    assert w.check("a", "message.push.sent", now=1) == CONFLICT
+    # the conflicting record was published too: the window now holds its kind
+    w.add("a", now=2, kind="message.push.sent")
+    assert w.check("a", "message.push.sent", now=3) == DUPLICATE
+    assert w.check("a", "message.push.clicked", now=3) == CONFLICT
+    assert w.check("a", "message.push.sent", now=12) == NEW  # expired
+    assert len(w) == 1
+
+
 def test_memory_is_allocated_once() -> None:
     w = SeenWindow(window_s=3600, max_entries=1000)
-    sizes = (len(w._table), len(w._ring))
+    sizes = (len(w._table), len(w._ring), len(w._kind))
     for i in range(10_000):
-        w.add(f"id-{i}", now=i)
-    assert (len(w._table), len(w._ring)) == sizes and len(w) == 1000
+        w.add(f"id-{i}", now=i, kind=f"kind-{i}")
+    assert (len(w._table), len(w._ring), len(w._kind)) == sizes and len(w) == 1000
     assert all(w.seen(f"id-{i}", now=10_000) for i in range(9000, 10_000))
     assert not any(w.seen(f"id-{i}", now=10_000) for i in range(0, 9000))
 
@@ -96,3 +110,38 @@ def test_agrees_with_the_model(
         assert len(w) == len(model.held)
     for eid in {e for _, e, _ in ops}:
         assert w.seen(eid, now) == model.seen(eid, now)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.text(alphabet="abcdef", min_size=1, max_size=2),
+            st.sampled_from(["k1", "k2", "k3"]),
+            st.floats(0, 3),
+        ),
+        max_size=100,
+    ),
+    st.integers(1, 6),
+)
+def test_check_agrees_with_a_model_that_keeps_the_latest_kind(
+    ops: list[tuple[bool, str, str, float]], cap: int
+) -> None:
+    w = SeenWindow(window_s=4, max_entries=cap, hash_fn=tiny_hash)
+    held: OrderedDict[int, tuple[float, str]] = OrderedDict()  # hash -> (expiry, kind)
+    now = 0.0
+    for is_add, eid, kind, step in ops:
+        now += step
+        h = tiny_hash(eid)
+        if is_add:
+            w.add(eid, now, kind)
+            if h not in held and len(held) == cap:
+                held.popitem(last=False)
+            held[h] = (now + 4, kind)  # a held id restarts and keeps its place in line
+        entry = held.get(h)
+        if entry is None or entry[0] <= now:
+            expected = NEW
+        else:
+            expected = DUPLICATE if entry[1] == kind else CONFLICT
+        assert w.check(eid, kind, now) == expected

@@ -46,7 +46,12 @@ TOKEN = re.compile(r"[a-z0-9_]+")
 def test_the_reference_table_has_26_kinds_and_they_are_all_known() -> None:
     assert len(set(REFERENCE_TABLE)) == 26
     assert frozenset(REFERENCE_TABLE) == EVENT_STREAM_KINDS
-    extras = {"message.push.displayed", "message.push.dismissed", "journey.webhook"}
+    extras = {
+        "message.push.displayed",
+        "message.push.dismissed",
+        "journey.webhook",
+        "journey.webhook.text",
+    }
     assert frozenset(REFERENCE_TABLE) | extras == KNOWN_KINDS
 
 
