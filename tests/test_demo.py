@@ -19,7 +19,7 @@ def test_demo_runs_end_to_end() -> None:
     # every documented kind was accepted, and the hostile senders were refused
     assert out.count(" 200  accepted") >= 26 + 2 + 5 + 1
     assert re.search(r"spoofed XFF.* 403 ", out) and re.search(r"wrong shared secret.* 403 ", out)
-    assert re.search(r"70 KB body.* 413 ", out)
+    assert re.search(r"1.1 MB body.* 413 ", out)
     burst = re.search(r"(\d+) requests/s, .* (\d+) acknowledged, (\d+) errors", out)
     assert burst and int(burst.group(2)) == 300 and int(burst.group(3)) == 0
     # the records were read back, and tag sync wrote the derived tags
