@@ -4,9 +4,12 @@
   SIGKILL mean what they mean in production) and waits for ``/readyz``.
 - :class:`LoadGenerator` posts events with unique ids from a fixed number of threads for a
   bounded time and records every outcome: 2xx = ok, 4xx/5xx = fail, no answer = info
-  (indeterminate: the event may or may not have been stored).
-- :func:`check` reads the topics from the beginning and classifies every id: acknowledged and
-  found, acknowledged but lost (must be 0), unacknowledged but present (benign), duplicates.
+  (indeterminate: the event may or may not have been stored). With ``retries`` it posts an id
+  again after a 5xx or no answer, as OneSignal does, and records every attempt.
+- :func:`read_ids` reads the topics from offset 0, until every expected id is found or a bound
+  passes; :func:`check` classifies every id: acknowledged and found, acknowledged but lost
+  (must be 0), unacknowledged but present (benign), duplicates, and duplicates that no retry
+  explains.
 - :class:`Report` prints one line per scenario and appends it as JSON to ``$FAULT_REPORT``.
 """
 
@@ -199,6 +202,10 @@ class LoadGenerator:
     (a request that reaches it is recorded as a hang, ``error="timeout"``). A worker whose
     request found no server waits ``pause_on_error_s`` before the next, so a dead gateway is not
     hammered in a tight loop.
+
+    ``retries`` > 0 plays OneSignal's side of a 503: an event answered 5xx or 429, or not
+    answered at all, is posted again with the same id and body (after ``retry_pause_s``, up to
+    ``retries`` more times). Each attempt is an :class:`Outcome` of its own.
     """
 
     def __init__(
@@ -211,6 +218,8 @@ class LoadGenerator:
         timeout_s: float = 10.0,
         interval_s: float = 0.05,
         pause_on_error_s: float = 0.05,
+        retries: int = 0,
+        retry_pause_s: float = 0.2,
     ) -> None:
         self.url = url
         self.workers = workers
@@ -219,6 +228,8 @@ class LoadGenerator:
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self.pause_on_error_s = pause_on_error_s
+        self.retries = retries
+        self.retry_pause_s = retry_pause_s
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -248,31 +259,35 @@ class LoadGenerator:
                     KIND, event_id=event_id, onesignal_id=str(uuid.uuid4())
                 )
                 body = orjson.dumps(payload)
-                started = time.monotonic()
-                try:
-                    r = client.post(ES, content=body, headers=headers)
-                except httpx.TimeoutException:
-                    self._record(Outcome(event_id, started, time.monotonic(), None, "timeout"))
-                    continue
-                except httpx.TransportError as exc:
-                    self._record(
-                        Outcome(event_id, started, time.monotonic(), None, type(exc).__name__)
-                    )
+                for attempt in range(self.retries + 1):
+                    out = self._post(client, event_id, body, headers)
+                    self._record(out)
+                    retry = out.status is None or out.status == 429 or out.status >= 500
+                    if not retry or attempt == self.retries or self._stop.is_set():
+                        break
+                    self._stop.wait(self.retry_pause_s)
+                if out.status is None and out.error != "timeout":
                     self._stop.wait(self.pause_on_error_s)
-                    continue
-                out = Outcome(
-                    event_id,
-                    started,
-                    time.monotonic(),
-                    r.status_code,
-                    "",
-                    r.headers.get("retry-after"),
-                )
-                if out.ok:
-                    data = r.json()
-                    out.partition, out.offset = data.get("partition"), data.get("offset")
-                self._record(out)
-                self._stop.wait(self.interval_s)
+                elif out.status is not None:
+                    self._stop.wait(self.interval_s)
+
+    def _post(
+        self, client: httpx.Client, event_id: str, body: bytes, headers: dict[str, str]
+    ) -> Outcome:
+        started = time.monotonic()
+        try:
+            r = client.post(ES, content=body, headers=headers)
+        except httpx.TimeoutException:
+            return Outcome(event_id, started, time.monotonic(), None, "timeout")
+        except httpx.TransportError as exc:
+            return Outcome(event_id, started, time.monotonic(), None, type(exc).__name__)
+        out = Outcome(
+            event_id, started, time.monotonic(), r.status_code, "", r.headers.get("retry-after")
+        )
+        if out.ok:
+            data = r.json()
+            out.partition, out.offset = data.get("partition"), data.get("offset")
+        return out
 
     def _record(self, outcome: Outcome) -> None:
         with self._lock:
@@ -333,8 +348,21 @@ class Stored:
     offset: int
 
 
-def read_ids(bootstrap: str, topics: Iterable[str], timeout_s: float = 30.0) -> list[Stored]:
-    """Every record of ``topics`` from the beginning up to the end offsets seen at the start."""
+def read_ids(
+    bootstrap: str,
+    topics: Iterable[str],
+    timeout_s: float = 30.0,
+    *,
+    expect: Iterable[str] = (),
+) -> list[Stored]:
+    """Every record of ``topics`` from offset 0, up to their end offsets, and on until every id
+    of ``expect`` is found or ``timeout_s`` passes.
+
+    Reading on matters on a real cluster: right after a leader change the new leader's high
+    watermark can trail the old one's for a moment, so an end offset read too early may sit
+    below a record that was acknowledged. An expected id still missing at the bound is lost;
+    a log that cannot be read to its end is an error, never "lost".
+    """
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap.split(","),
         api_version=KAFKA_API_VERSION,
@@ -354,22 +382,24 @@ def read_ids(bootstrap: str, topics: Iterable[str], timeout_s: float = 30.0) -> 
         # the mock cluster keeps at most 5 MiB per partition and drops the oldest message sets
         # beyond that: a log that no longer starts at 0 cannot be checked, so say so loudly
         truncated = {str(tp): o for tp, o in consumer.beginning_offsets(tps).items() if o > 0}
-        assert not truncated, f"mock broker retention dropped records (lower the load): {truncated}"
+        assert not truncated, f"broker retention dropped records (lower the load): {truncated}"
+        missing = set(expect)
         out: list[Stored] = []
+        refreshed = time.monotonic()
         while time.monotonic() < deadline:
             if all(consumer.position(tp) >= end[tp] for tp in tps):
-                return out
+                if not missing:
+                    return out
+                if time.monotonic() - refreshed > 0.5:
+                    end, refreshed = consumer.end_offsets(tps), time.monotonic()
             for tp, recs in consumer.poll(timeout_ms=300).items():
                 for rec in recs:
-                    if rec.offset < end[tp]:
-                        out.append(
-                            Stored(
-                                header(rec.headers, "ce_id") or "",
-                                tp.topic,
-                                tp.partition,
-                                rec.offset,
-                            )
-                        )
+                    event_id = header(rec.headers, "ce_id") or ""
+                    missing.discard(event_id)
+                    out.append(Stored(event_id, tp.topic, tp.partition, rec.offset))
+                    end[tp] = max(end[tp], rec.offset + 1)
+        if all(consumer.position(tp) >= end[tp] for tp in tps):
+            return out  # read to the end: what is still missing is lost
         raise AssertionError(f"could not read {len(tps)} partitions to their end in {timeout_s}s")
     finally:
         consumer.close(autocommit=False)
@@ -378,8 +408,9 @@ def read_ids(bootstrap: str, topics: Iterable[str], timeout_s: float = 30.0) -> 
 class TailReader:
     """Reads ``topic`` from the beginning on a thread while load runs, recording every record.
 
-    For the broker-kill scenario: the cluster's data dies with it, so what it had stored can
-    only be known from what was read before the kill.
+    For the broker-kill scenario on the embedded mock, whose data dies with it: what it had
+    stored can only be known from what was read before the kill. (A killed Apache Kafka node
+    keeps its log on disk, so there the topics are also read back after a restart.)
     """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
@@ -466,13 +497,21 @@ class Figures:
     max_latency_s: float
     max_fail_latency_s: float
     lost_ids: list[str]
+    events: int = 0  # distinct ids posted (sent counts every attempt)
+    retried: int = 0  # ids posted more than once (after a 5xx or no answer)
+    reposts: int = 0  # attempts beyond each id's first: what can explain a duplicate
+    # extra copies beyond what the attempts can explain: an id posted k times may be stored up
+    # to k times (each attempt is a send of its own; the producer's own retries are deduped by
+    # the broker's idempotence), never more
+    unexplained_duplicates: int = 0
 
 
 def check(outcomes: list[Outcome], stored: Iterable[str]) -> Figures:
-    """Classify every request against the ids read back from Kafka."""
+    """Classify every id (over all its attempts) against the ids read back from Kafka."""
     counts = Counter(stored)
+    attempts = Counter(o.event_id for o in outcomes)
     acked = {o.event_id for o in outcomes if o.ok}
-    others = {o.event_id for o in outcomes if not o.ok}
+    others = attempts.keys() - acked
     lost = sorted(acked - counts.keys())
     statuses = Counter(str(o.status) if o.status is not None else o.error for o in outcomes)
     fails = [o for o in outcomes if o.status is not None and not o.ok]
@@ -489,6 +528,12 @@ def check(outcomes: list[Outcome], stored: Iterable[str]) -> Figures:
         max_latency_s=round(max((o.latency for o in outcomes), default=0.0), 3),
         max_fail_latency_s=round(max((o.latency for o in fails), default=0.0), 3),
         lost_ids=lost[:10],
+        events=len(attempts),
+        retried=sum(1 for n in attempts.values() if n > 1),
+        reposts=sum(n - 1 for n in attempts.values()),
+        unexplained_duplicates=sum(
+            max(0, n - attempts.get(i, 0)) for i, n in counts.items() if i in attempts
+        ),
     )
 
 
@@ -525,7 +570,60 @@ class Report:
             f"unacked_present={f.unacked_but_present} max_latency={f.max_latency_s}s "
             f"statuses={f.statuses} {json.dumps(self.extra)}"
         )
-        path = os.environ.get("FAULT_REPORT")
-        if path:
-            with open(path, "a", encoding="utf-8") as out:
-                out.write(json.dumps(row) + "\n")
+        emit_row(row)
+
+
+def emit_row(row: Mapping[str, Any]) -> None:
+    """Append one scenario's figures as a JSON line to ``$FAULT_REPORT`` (when it is set)."""
+    if "figures" not in row and "sent" not in row:
+        print(f"\n[fault] {json.dumps(row)}")
+    path = os.environ.get("FAULT_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(row) + "\n")
+
+
+def load_label(load: LoadGenerator, outcomes: list[Outcome]) -> str:
+    """``16 clients, 14.2 s, 180 req/s``: what the load held, for a report's ``load``."""
+    span = max(load.stopped_at - load.started_at, 1e-6)
+    return f"{load.workers} clients, {span:.1f} s, {len(outcomes) / span:.0f} req/s"
+
+
+def timeline(
+    outcomes: list[Outcome], fault_at: float, until: float | None = None
+) -> dict[str, Any]:
+    """How the answers went from ``fault_at`` on (to ``until``, if given).
+
+    - ``failed``: requests answered non-2xx or not at all that ended in the window;
+    - ``first_fail_s``: seconds from the fault to the first of them (None: there was none);
+    - ``recovered_s``: seconds from the fault to the end of the first 2xx of a request started
+      after the last failed one started: from then on every request got 2xx (None: there was
+      no failure, steady state throughout; or no 2xx followed).
+    """
+    window = [o for o in outcomes if o.ended >= fault_at and (until is None or o.ended <= until)]
+    failed = [o for o in window if not o.ok]
+    out: dict[str, Any] = {"failed": len(failed), "first_fail_s": None, "recovered_s": None}
+    if not failed:
+        return out
+    out["first_fail_s"] = round(min(o.ended for o in failed) - fault_at, 3)
+    last_start = max(o.started for o in failed)
+    after = [o.ended for o in outcomes if o.ok and o.started > last_start]
+    if after:
+        out["recovered_s"] = round(min(after) - fault_at, 3)
+    return out
+
+
+def create_topics(config_path: Path) -> str:
+    """``gateway topics create --config FILE``: the topics as an operator would make them."""
+    env = dict(os.environ, T_SECRETS=f"{SECRET},{ROTATED}")
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "topics", "create", "--config", str(config_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
