@@ -169,12 +169,21 @@ class KafkaConfig:
     request_timeout_ms: int = 10000
     delivery_timeout_ms: int = 30000
     max_block_ms: int = 2000
+    # no record settled (acknowledged or failed) for this long while some are outstanding: the
+    # producer is stuck and is replaced; 0 = delivery_timeout_ms + request_timeout_ms + 5 s
+    stall_timeout_s: float = 0.0
     max_request_size: int = _KAFKA_MAX_REQUEST_SIZE
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = ""
     sasl_username: str = ""
     sasl_password: Secret | None = None
     ssl_cafile: str = ""
+
+    @property
+    def stall_after_s(self) -> float:
+        if self.stall_timeout_s > 0:
+            return self.stall_timeout_s
+        return (self.delivery_timeout_ms + self.request_timeout_ms) / 1000 + 5.0
 
     def api_version_tuple(self) -> tuple[int, ...] | None:
         if not self.api_version:
@@ -533,6 +542,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         request_timeout_ms=k.integer("request_timeout_ms", 10000, minimum=100),
         delivery_timeout_ms=k.integer("delivery_timeout_ms", 30000, minimum=100),
         max_block_ms=k.integer("max_block_ms", 2000, minimum=0),
+        stall_timeout_s=k.number("stall_timeout_s", KafkaConfig.stall_timeout_s, minimum=0),
         max_request_size=k.integer(
             "max_request_size", KafkaConfig.max_request_size, minimum=2 * RECORD_HEADROOM_BYTES
         ),
@@ -551,6 +561,12 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     if kafka.api_version and not re.fullmatch(r"\d+(\.\d+){1,2}", kafka.api_version):
         raise ConfigError(
             "kafka.api_version", f"must look like '2.3' or be empty, got {kafka.api_version!r}"
+        )
+    if 0 < kafka.stall_timeout_s * 1000 <= kafka.delivery_timeout_ms:
+        raise ConfigError(
+            "kafka.stall_timeout_s",
+            "must exceed delivery_timeout_ms (every record settles within it unless the producer"
+            " is stuck), or be 0 for delivery_timeout_ms + request_timeout_ms + 5 s",
         )
     if kafka.delivery_timeout_ms < kafka.linger_ms + kafka.request_timeout_ms:
         raise ConfigError(

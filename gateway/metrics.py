@@ -219,6 +219,12 @@ class IngressMetrics:
             ["kind"],
             registry=r,
         )
+        self.producer_stalls = LoopCounter(
+            "gateway_producer_stalls",
+            "Times the Kafka producer settled no record for kafka.stall_timeout_s while records"
+            " were outstanding, and was replaced.",
+            registry=r,
+        )
         self.producer_restarts = LoopCounter(
             "gateway_producer_process_restarts",
             "Times the Kafka producer process (kafka.producer = process) died and was replaced.",

@@ -138,6 +138,13 @@ class ProcessSink(SinkBase):
         """Start the producer process in the background; until it is up, publishes get 503."""
         self._loop = asyncio.get_running_loop()
         self._supervisor = asyncio.create_task(self._supervise())
+        self._start_watchdog()
+
+    async def _replace_producer(self) -> None:
+        # the supervisor starts a new child at once; _on_lost fails what the old one held
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     async def _supervise(self) -> None:
         # a child that ran a while is replaced at once; one that keeps dying, with backoff
@@ -206,6 +213,7 @@ class ProcessSink(SinkBase):
     async def close(self, timeout_s: float = 15.0) -> None:
         """Ask the child to flush and exit; bounded, then it is killed."""
         self._closed = True
+        await self._stop_watchdog()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -185,6 +185,14 @@ def create_sink(
     return ProcessSink(cfg, metrics, warm_topics=warm_topics)
 
 
+def _close_quietly(producer: KafkaProducer) -> None:
+    """Close a replaced producer at once: what it held was given up already."""
+    try:
+        producer.close(timeout=0)
+    except Exception as exc:  # its flush times out at once, by design
+        log.debug("closing the replaced producer", extra={"error": f"{type(exc).__name__}"})
+
+
 def _expire(fut: asyncio.Future[PublishResult]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
@@ -210,6 +218,10 @@ class SinkBase:
         self.last_failure_at: float | None = None
         # set by the topic watcher: the gateway's topics that Kafka does not have
         self.missing_topics: frozenset[str] = frozenset()
+        # when a record last settled, or the first of an idle spell was handed over
+        self._progress_at = time.monotonic()
+        self.stalls = 0
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -224,6 +236,55 @@ class SinkBase:
     async def _submit(self, record: KafkaRecord, fut: asyncio.Future[PublishResult]) -> None:
         """Hand the record over; raise (anything) if it cannot be sent at all."""
         raise NotImplementedError
+
+    async def _replace_producer(self) -> None:
+        """Throw the producer away and make a new one (its records are failed)."""
+        raise NotImplementedError
+
+    # -- the stall watchdog ----------------------------------------------------------------
+
+    def _start_watchdog(self) -> None:
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+
+    def stalled(self, now: float) -> bool:
+        """Records outstanding and none settled for ``kafka.stall_after_s``.
+
+        kafka-python settles every record within ``delivery_timeout_ms`` (acknowledged, or
+        failed), so a producer past that bound with nothing settled is stuck. kafka-python
+        3.0.12's idempotent producer gets there after a quorum loss: a batch expires, the
+        producer id is reset, and the InitProducerId request it sent while the cluster was
+        down never completes, so it holds every record for good. A new producer writes at once.
+        """
+        return self._in_flight > 0 and now - self._progress_at > self.cfg.stall_after_s
+
+    async def _watch(self) -> None:
+        interval = min(1.0, self.cfg.stall_after_s / 4)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            if not self.stalled(time.monotonic()) or self._closed:
+                continue
+            self.stalls += 1
+            self.metrics.producer_stalls.inc()
+            self.last_error = (
+                f"the Kafka producer settled no record for {self.cfg.stall_after_s:.0f}s"
+                f" with {self._in_flight} outstanding; replaced"
+            )
+            self.last_failure_at = time.monotonic()
+            log.error(
+                "kafka producer stuck: replacing it",
+                extra={"outstanding": self._in_flight, "stall_after_s": self.cfg.stall_after_s},
+            )
+            self._progress_at = time.monotonic()
+            try:
+                await self._replace_producer()
+            except Exception:  # the next round tries again
+                log.exception("replacing the stuck kafka producer failed")
 
     @property
     def in_flight(self) -> int:
@@ -267,6 +328,8 @@ class SinkBase:
                 full = True
             else:
                 full = False
+                if self._in_flight == 0:  # an idle producer is not a stuck one
+                    self._progress_at = time.monotonic()
                 self._in_flight += 1
         if full:
             self._fail("backpressure", f"{self.cfg.max_in_flight} records await Kafka already")
@@ -302,6 +365,7 @@ class SinkBase:
     def _release(self, n: int = 1) -> None:
         with self._in_flight_lock:
             self._in_flight -= n
+        self._progress_at = time.monotonic()
 
     @staticmethod
     def _warn_unacknowledged(count: int | None, error: str | None = None) -> None:
@@ -334,12 +398,38 @@ class KafkaSink(SinkBase):
         self._wake_pending = False
         self._known_topics: set[str] = set()
         self._stop = threading.Event()
+        self._generation = 0  # which producer a callback belongs to (see _replace_producer)
+        self._outstanding = 0  # records handed to the current producer, not yet settled
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Create the producer in the background; until it exists, publishes answer 503."""
         self._loop = asyncio.get_running_loop()
+        self._open()
+        self._start_watchdog()
+
+    async def _replace_producer(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        old, self._producer = self._producer, None
+        self._known_topics = set()
+        # the old producer's records are given up: its late callbacks are ignored, and what it
+        # held is released now (their requests were answered 503 at their deadline)
+        with self._in_flight_lock:
+            self._generation += 1
+            abandoned, self._outstanding = self._outstanding, 0
+        if abandoned:
+            self._release(abandoned)
+        self._stop.set()
+        self._stop = threading.Event()
+        self._open()
+        if old is not None:
+            loop.run_in_executor(None, _close_quietly, old)
+
+    def _open(self) -> None:
+        loop = self._loop
+        assert loop is not None
         opener = ProducerOpener(
             self.cfg,
             self.warm_topics,
@@ -348,7 +438,7 @@ class KafkaSink(SinkBase):
             on_error=self._set_error,
             stop=self._stop,
         )
-        self._loop.run_in_executor(None, opener.run)  # it stops when self._stop is set
+        loop.run_in_executor(None, opener.run)  # it stops when self._stop is set
 
     def _set_producer(self, producer: KafkaProducer) -> None:
         self._producer = producer
@@ -359,6 +449,7 @@ class KafkaSink(SinkBase):
     async def close(self, timeout_s: float = 15.0) -> None:
         """Flush what was sent and close; bounded so a dead broker cannot hold shutdown."""
         self._closed = True
+        await self._stop_watchdog()
         self._stop.set()
         producer, self._producer = self._producer, None
         if producer is None or self._loop is None:
@@ -390,11 +481,20 @@ class KafkaSink(SinkBase):
                 ),
             )
             self._known_topics.add(record.topic)
-        kfut.add_callback(self._on_done, fut, True)
-        kfut.add_errback(self._on_done, fut, False)
+        with self._in_flight_lock:
+            generation = self._generation
+            self._outstanding += 1
+        kfut.add_callback(self._on_done, fut, True, generation)
+        kfut.add_errback(self._on_done, fut, False, generation)
 
-    def _on_done(self, fut: asyncio.Future[PublishResult], ok: bool, value: Any) -> None:
+    def _on_done(
+        self, fut: asyncio.Future[PublishResult], ok: bool, generation: int, value: Any
+    ) -> None:
         # runs on the producer's sender thread
+        with self._in_flight_lock:
+            if generation != self._generation:
+                return  # a replaced producer's record: released when it was replaced
+            self._outstanding -= 1
         self._release()
         self._done.append((fut, value, ok))
         if not self._wake_pending and self._loop is not None:

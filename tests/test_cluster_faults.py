@@ -70,9 +70,10 @@ FAILOVER_BOUND_S = 8.0
 # kafka-python 3.0.12: an expired batch that had been sent resets the idempotent producer's id;
 # when the InitProducerId that follows is sent into the outage it never completes, and the
 # sender waits on it for good (not even a batch expires; a plain KafkaProducer does the same).
-# Seen after a two-node outage every time, after a one-node kill in some runs. Durability holds
-# (asserted first); service does not come back until the producer is replaced.
-STALL = "the gateway's idempotent producer stalled after the fault and did not recover"
+# Seen after a two-node outage every time, after a one-node kill in some runs. The gateway's
+# stall watchdog replaces such a producer once nothing settled for kafka.stall_timeout_s.
+STALL_TIMEOUT_S = 7.0
+STUCK = "kafka producer stuck: replacing it"
 INPUTS = "Event Streams bodies (message.push.clicked), a fresh event.id per event"
 KAFKA = {
     "ack_timeout_s": ACK_TIMEOUT_S,
@@ -80,6 +81,7 @@ KAFKA = {
     "request_timeout_ms": 3000,
     "delivery_timeout_ms": 6000,
     "max_block_ms": 2000,
+    "stall_timeout_s": STALL_TIMEOUT_S,
 }
 TOPICS = {"partitions": 4, "replication_factor": 3, "min_insync_replicas": 2}
 
@@ -176,20 +178,26 @@ def _one_node_killed(
         node = pick(before)
         killed_at = time.monotonic()
         cluster.kill(node)
-        # service continues: 2xx for requests sent well after the fault, then a few seconds more
-        resumed = load.wait_for(_ok_started_after(killed_at + FAILOVER_BOUND_S), 20)
-        if resumed:
-            time.sleep(2.0)
+        # service continues: 2xx for requests sent well after the fault (a stuck producer is
+        # replaced by then), then a few seconds more
+        bound = FAILOVER_BOUND_S + STALL_TIMEOUT_S + 3.0
+        resumed = load.wait_for(_ok_started_after(killed_at + bound), 30)
+        time.sleep(2.0)
         outcomes = load.stop()
-    return load, outcomes, killed_at, node, {**timeline(outcomes, killed_at), "resumed": resumed}
+        replaced = STUCK in gw.log()
+    tl = {**timeline(outcomes, killed_at), "resumed": resumed, "producer_replaced": replaced}
+    return load, outcomes, killed_at, node, tl
 
 
 def _assert_failover(outcomes: list[Outcome], killed_at: float, tl: dict[str, Any]) -> None:
-    late = [o for o in outcomes if not o.ok and o.started > killed_at + FAILOVER_BOUND_S]
+    assert tl["resumed"], tl
+    # failover within the bound; where the producer got stuck, within the watchdog's bound too
+    bound = FAILOVER_BOUND_S + (STALL_TIMEOUT_S + 3.0 if tl["producer_replaced"] else 0.0)
+    late = [o for o in outcomes if not o.ok and o.started > killed_at + bound]
     assert not late, late[:5]
-    assert sum(o.ok for o in outcomes if o.started > killed_at + FAILOVER_BOUND_S) >= WORKERS
+    assert sum(o.ok for o in outcomes if o.started > killed_at + bound) >= WORKERS
     if tl["failed"]:
-        assert tl["recovered_s"] is not None and tl["recovered_s"] < FAILOVER_BOUND_S, tl
+        assert tl["recovered_s"] is not None and tl["recovered_s"] < bound, tl
 
 
 def test_leader_of_busiest_partition_killed(cluster3: KafkaCluster, tmp_path: Path) -> None:
@@ -214,8 +222,6 @@ def test_leader_of_busiest_partition_killed(cluster3: KafkaCluster, tmp_path: Pa
         {**tl, "node": node, **chosen},
     )
     _assert_sound(figures, outcomes)
-    if not tl["resumed"]:
-        pytest.xfail(STALL)
     _assert_failover(outcomes, killed_at, tl)
     assert cluster3.leader_of(f"{prefix}.push", chosen["partition"]) != node
 
@@ -248,8 +254,6 @@ def test_active_controller_killed(cluster3: KafkaCluster, tmp_path: Path) -> Non
     )
     assert new_controller != node
     _assert_sound(figures, outcomes)
-    if not tl["resumed"]:
-        pytest.xfail(STALL)
     _assert_failover(outcomes, killed_at, tl)
 
 
@@ -279,7 +283,10 @@ def test_two_nodes_killed_refuses_then_keeps_every_2xx(
             cluster3.restart(node, wait=False)
         cluster3.wait_ready(60)
         healthy_at = time.monotonic()
-        resumed = load.wait_for(_ok_started_after(healthy_at + 1.0), 20)
+        # kafka-python's producer does not come back by itself here (see STALL_TIMEOUT_S): the
+        # watchdog replaces it within the stall bound of its last settled record
+        resumed = load.wait_for(_ok_started_after(healthy_at + 1.0), STALL_TIMEOUT_S + 20)
+        replaced = STUCK in gw.log()
         ready_status = httpx.get(f"{gw.url}/readyz", timeout=5).status_code
         outcomes = load.stop()
         # the healed cluster takes writes from a new idempotent producer (so a stall after
@@ -311,6 +318,7 @@ def test_two_nodes_killed_refuses_then_keeps_every_2xx(
             "acked_while_down": sum(o.ok for o in while_down),
             "acked_after_second_kill_started_before": len(acked_after_kill),
             "resumed_after_heal": resumed,
+            "producer_replaced": replaced,
             "readyz_after_heal": ready_status,
         },
     )
@@ -319,8 +327,7 @@ def test_two_nodes_killed_refuses_then_keeps_every_2xx(
     assert not any(o.ok for o in while_down), [o for o in while_down if o.ok][:5]
     # and the 2xx answered after the second kill (sent before it) are all found: lost == 0
     _assert_sound(figures, outcomes)
-    if not resumed:
-        pytest.xfail(STALL)
+    assert resumed, "no 2xx after the cluster healed"
 
 
 def _wait_until(cond: Callable[[], bool], timeout_s: float, every: float = 0.2) -> bool:
