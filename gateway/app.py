@@ -138,8 +138,17 @@ class Gateway:
         )
 
 
-def _secret_ok(values: list[bytes], secrets: tuple[bytes, ...]) -> bool:
-    """Constant-time comparison against every accepted secret (no early exit)."""
+def _secret_ok(
+    values: list[bytes],
+    secrets: tuple[bytes, ...],
+    compare: Callable[[bytes, bytes], bool] = hmac.compare_digest,
+) -> bool:
+    """Constant-time comparison against every accepted secret (no early exit).
+
+    Every candidate (the header value, and without a ``Bearer`` prefix) is compared with
+    every secret, whichever matches, so the time taken says nothing about which secret or
+    how much of it was right. ``compare`` is the comparison: the tests count its calls.
+    """
     if len(values) != 1:
         return False
     value = values[0].strip()
@@ -149,7 +158,7 @@ def _secret_ok(values: list[bytes], secrets: tuple[bytes, ...]) -> bool:
     ok = False
     for candidate in candidates:
         for secret in secrets:
-            ok |= hmac.compare_digest(candidate, secret)
+            ok |= compare(candidate, secret)
     return ok
 
 
