@@ -99,7 +99,11 @@ def test_backlog_cap_answers_503_at_once(fresh_broker: EmbeddedBroker) -> None:
                 held = [
                     pool.submit(post, client, ES, _payload(str(uuid.uuid4()))) for _ in range(4)
                 ]
-                time.sleep(0.5)  # the four fill the cap while the broker is frozen
+                # the four fill the cap while the broker is frozen (the sink's own count)
+                deadline = time.monotonic() + 10
+                while "gateway_kafka_in_flight_records 4.0" not in client.get("/metrics").text:
+                    assert time.monotonic() < deadline, "the four never reached the sink"
+                    time.sleep(0.02)
                 started = time.monotonic()
                 r = post(client, ES, _payload(str(uuid.uuid4())))
                 assert r.status_code == 503
