@@ -109,6 +109,17 @@ def make(**kafka: Any) -> tuple[Config, MemorySink, BodyRead]:
     return config, sink, app
 
 
+def sink_metrics(app: BodyRead) -> IngressMetrics:
+    return app.app.routes[ES].gw.metrics  # type: ignore[attr-defined, no-any-return]
+
+
+def conflicts(metrics: IngressMetrics) -> float:
+    value = metrics.registry.get_sample_value(
+        "gateway_dedupe_conflicts_total", {"source": "event-stream"}
+    )
+    return value or 0.0
+
+
 def client(app: ASGIApp) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
     return httpx.AsyncClient(transport=transport, base_url="http://gateway")
@@ -146,6 +157,7 @@ def test_a_retry_after_a_503_is_accepted_and_published() -> None:
             again = await c.post(ES, content=body(event_id), headers=HEADERS)
         # the retry's record went to the sink (and, acknowledged, marked the id seen)
         assert [header(r.headers, "ce_id") for r in sink.records] == [event_id, event_id]
+        assert again.status_code == 200
         assert again.json() == {"status": "duplicate", "id": event_id}
 
     run(scenario())
@@ -227,13 +239,16 @@ def test_a_copy_waits_for_the_first_at_most_the_ack_deadline() -> None:
 def test_a_reused_id_of_another_kind_is_published_not_deduplicated() -> None:
     async def scenario() -> None:
         _, sink, app = make()
+        metrics = sink_metrics(app)
         event_id = str(uuid.uuid4())
         other = orjson.dumps(samples.event_stream_payload("message.push.sent", event_id=event_id))
         async with client(app) as c:
             a = await c.post(ES, content=body(event_id), headers=HEADERS)
+            assert conflicts(metrics) == 0
             b = await c.post(ES, content=other, headers=HEADERS)
         assert a.json()["status"] == b.json()["status"] == "accepted"
         assert len(sink.records) == 2
+        assert conflicts(metrics) == 1  # counted where an operator looks
 
     run(scenario())
 
