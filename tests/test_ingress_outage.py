@@ -58,8 +58,9 @@ def test_frozen_broker_gives_bounded_503_then_retry_is_published(
         finally:
             fresh_broker.resume()
 
-        # OneSignal retries the same event: it must be published (a 503 did not mark it seen),
-        # and it may already be there from the first attempt (a benign duplicate, never a loss)
+        # OneSignal retries the same event: it must be published and answered "accepted" (a
+        # 503 did not mark it seen; "duplicate" is a 200 too, but would mean the retry was
+        # swallowed). The first attempt's record may be there as well (a benign duplicate).
         deadline = time.monotonic() + 30
         while True:
             r = post(client, ES, _payload(event_id))
@@ -67,11 +68,14 @@ def test_frozen_broker_gives_bounded_503_then_retry_is_published(
                 break
             time.sleep(0.2)
         assert r.status_code == 200, r.text
-        ids = [
-            header(rec.headers, "ce_id")
-            for rec in read_topic(fresh_broker.bootstrap_servers, f"{prefix}.push")
-        ]
+        assert r.json()["status"] == "accepted", r.json()
+        retried = (r.json()["partition"], r.json()["offset"])
+        records = read_topic(fresh_broker.bootstrap_servers, f"{prefix}.push")
+        ids = [header(rec.headers, "ce_id") for rec in records]
         assert event_id in ids and warm in ids
+        # the record the retry's answer names is the retry's own, not the first attempt's
+        by_place = {(rec.partition, rec.offset): rec for rec in records}
+        assert header(by_place[retried].headers, "ce_id") == event_id
         assert 'gateway_publish_failures_total{reason="timeout"}' in client.get("/metrics").text
 
 
@@ -95,7 +99,11 @@ def test_backlog_cap_answers_503_at_once(fresh_broker: EmbeddedBroker) -> None:
                 held = [
                     pool.submit(post, client, ES, _payload(str(uuid.uuid4()))) for _ in range(4)
                 ]
-                time.sleep(0.5)  # the four fill the cap while the broker is frozen
+                # the four fill the cap while the broker is frozen (the sink's own count)
+                deadline = time.monotonic() + 10
+                while "gateway_kafka_in_flight_records 4.0" not in client.get("/metrics").text:
+                    assert time.monotonic() < deadline, "the four never reached the sink"
+                    time.sleep(0.02)
                 started = time.monotonic()
                 r = post(client, ES, _payload(str(uuid.uuid4())))
                 assert r.status_code == 503

@@ -9,9 +9,7 @@ client, garbage, slowness, huge bodies. Every assertion is about what crossed th
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+import trustme
 
 from gateway.config import Config, OneSignalApp, OneSignalConfig, Secret, TagSyncConfig
 from gateway.fake_onesignal import FakeOneSignal
@@ -451,30 +450,23 @@ def test_connection_refused_and_a_key_that_cannot_be_a_header() -> None:
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for "localhost" (openssl CLI; skipped without it)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("no openssl CLI to make a test certificate")
+    """A certificate for "localhost" from a throw-away CA (trustme), as PEM files.
+
+    Returns (the CA's certificate, which a client trusts; the server's chain and key).
+    """
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost")
     d = tmp_path_factory.mktemp("tls")
-    crt, key = d / "cert.pem", d / "key.pem"
-    done = subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
-            *("-keyout", str(key), "-out", str(crt), "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=DNS:localhost"),
-        ],
-        capture_output=True,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"openssl could not make a certificate: {done.stderr[-200:]!r}")
-    return crt, key
+    ca_file, server_file = d / "ca.pem", d / "server.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    issued.private_key_and_cert_chain_pem.write_to_path(str(server_file))
+    return ca_file, server_file
 
 
 def test_https_checks_the_certificate_and_the_hostname(cert: tuple[Path, Path]) -> None:
-    crt, key = cert
+    crt, chain = cert
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(crt, key)
+    server_ctx.load_cert_chain(chain)
 
     def trusting() -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(crt))

@@ -8,8 +8,9 @@ request. What is asserted is what reached the server, and when.
 from __future__ import annotations
 
 import queue
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -19,7 +20,7 @@ from gateway.records import KafkaRecord
 from gateway.tagsync.coalesce import SourceRef
 from gateway.tagsync.http1 import Http1Client
 from gateway.tagsync.rules import Alias
-from gateway.tagsync.worker import MAX_HOLD_WINDOWS, Sink, SinkSettings
+from gateway.tagsync.worker import MAX_HOLD_WINDOWS, DeadLetterWriter, Sink, SinkSettings
 
 KEY = "sink-test-key"
 APP = "11111111-2222-3333-4444-555555555555"
@@ -38,9 +39,8 @@ def fake() -> Iterator[FakeOneSignal]:
         yield f
 
 
-@pytest.fixture
-def sink(fake: FakeOneSignal) -> Iterator[tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]]:
-    settings = SinkSettings(
+def settings_for(fake: FakeOneSignal) -> SinkSettings:
+    return SinkSettings(
         flush_interval_s=FLUSH_S,
         max_keys=100,
         per_user_interval_s=1.0,
@@ -54,9 +54,22 @@ def sink(fake: FakeOneSignal) -> Iterator[tuple[Sink, queue.SimpleQueue[Sequence
         delete_value="",
         api_url=fake.url,
     )
+
+
+def start_sink(
+    fake: FakeOneSignal, dead_letters: DeadLetterWriter
+) -> tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]:
     done: queue.SimpleQueue[Sequence[SourceRef]] = queue.SimpleQueue()
-    s = Sink(settings, lambda: Http1Client(fake.url, {APP: Secret(KEY)}), NoDeadLetters(), done)
+    s = Sink(
+        settings_for(fake), lambda: Http1Client(fake.url, {APP: Secret(KEY)}), dead_letters, done
+    )
     s.start()
+    return s, done
+
+
+@pytest.fixture
+def sink(fake: FakeOneSignal) -> Iterator[tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]]:
+    s, done = start_sink(fake, NoDeadLetters())
     yield s, done
     s.close(2.0)
 
@@ -69,6 +82,20 @@ def event(s: Sink, n: int, offset: int, tags: dict[str, str | None]) -> None:
     s.submit(user(n), tags, (float(offset), offset), SourceRef(*TP, offset))
 
 
+def held(s: Sink, alias: Alias, timeout_s: float = 5.0) -> bool:
+    """Wait until the sink decided to hold ``alias`` (its window closed, it was not sent).
+
+    Reads the sink's own state (the loop thread replaces nothing here, it appends): the
+    condition that proves the window passed on the sink's clock, where a sleep would not.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(a == alias for queue_ in list(s._held.values()) for _, _, a in list(queue_)):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def sent_for(fake: FakeOneSignal, n: int) -> list[dict[str, str]]:
     return [r.body["properties"]["tags"] for r in fake.requests if r.alias_id == f"user-{n}"]
 
@@ -79,14 +106,13 @@ def test_a_user_waits_for_its_partition_to_be_read_then_sends_once(
     s, done = sink
     s.report_progress({TP: (1, 5000)}, paused=False)  # 4,999 records still unread
     event(s, 1, 0, {"a": "1", "b": "1"})
-    time.sleep(FLUSH_S * 3)
-    assert fake.requests == []  # its window closed long ago, but more may be coming
+    assert held(s, user(1))  # its window closed, but more may be coming: held, not sent
+    assert fake.requests == []
     event(s, 1, 4000, {"b": "2"})
     s.report_progress({TP: (5000, 5000)}, paused=False)  # read to the end
-    assert fake.wait_for(lambda f: len(f.requests) == 1, timeout_s=2.0)
-    time.sleep(FLUSH_S * 2)
-    assert sent_for(fake, 1) == [{"a": "1", "b": "2"}]  # one request, both events merged
+    # both offsets reported done together: one request carried both events
     assert sorted(r.offset for r in done.get(timeout=2)) == [0, 4000]
+    assert sent_for(fake, 1) == [{"a": "1", "b": "2"}]
 
 
 def test_caught_up_partitions_send_after_one_window(
@@ -120,7 +146,94 @@ def test_a_paused_source_releases_everyone_held(
     s.report_progress({TP: (1, 10**6)}, paused=False)
     event(s, 4, 0, {"a": "1"})
     event(s, 5, 1, {"a": "1"})
-    time.sleep(FLUSH_S * 3)
+    assert held(s, user(4)) and held(s, user(5))
     assert fake.requests == []
     s.report_progress({}, paused=True)
     assert fake.wait_for(lambda f: len(f.requests) == 2, timeout_s=1.0)
+
+
+# -- a dead-lettered update is done only once its dead letter is acknowledged ---------------
+
+
+class HeldDeadLetters:
+    """The first ``failures`` writes fail at once; the next one waits until the test releases
+    it, then succeeds.
+
+    ``calls`` counts the writes that began, so a test waits for the write to be under way
+    (the condition that the sink had its chance to report the offset too early).
+    """
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.release = threading.Event()
+        self.calls = 0
+        self.written: list[KafkaRecord] = []
+        self.changed = threading.Condition()
+
+    def write(self, record: KafkaRecord) -> None:
+        with self.changed:
+            self.calls += 1
+            self.changed.notify_all()
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("the dead-letter topic's leader is away")
+        if not self.release.wait(10):
+            raise TimeoutError("the test never released the dead-letter write")
+        self.written.append(record)
+
+    def wait_calls(self, n: int, timeout_s: float = 10.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.calls >= n, timeout_s), self.calls
+
+
+def no_report(done: queue.SimpleQueue[Sequence[SourceRef]]) -> bool:
+    return done.empty()
+
+
+Trigger = Callable[[Sink], None]
+
+
+def permanent_failure(fake: FakeOneSignal) -> Trigger:
+    fake.script(400, alias_id="user-9")
+    return lambda s: event(s, 9, 42, {"a": "1"})
+
+
+def undeliverable_record(fake: FakeOneSignal) -> Trigger:
+    record = KafkaRecord("dlt", b"k", b"{}", [])
+    return lambda s: s.submit_dead_letter(record, "unknown-app", SourceRef(*TP, 42))
+
+
+@pytest.mark.parametrize("trigger", [permanent_failure, undeliverable_record])
+def test_a_dead_letter_being_written_keeps_its_offset_undone(
+    fake: FakeOneSignal, trigger: Callable[[FakeOneSignal], Trigger]
+) -> None:
+    writer = HeldDeadLetters()
+    s, done = start_sink(fake, writer)
+    try:
+        trigger(fake)(s)
+        writer.wait_calls(1)  # the dead letter is being written, and is not acknowledged
+        assert no_report(done)
+        writer.release.set()
+        assert [r.offset for r in done.get(timeout=5)] == [42]
+        assert len(writer.written) == 1
+    finally:
+        writer.release.set()
+        s.close(2.0)
+
+
+@pytest.mark.parametrize("trigger", [permanent_failure, undeliverable_record])
+def test_a_failed_dead_letter_write_is_retried_and_the_offset_waits_for_it(
+    fake: FakeOneSignal, trigger: Callable[[FakeOneSignal], Trigger]
+) -> None:
+    writer = HeldDeadLetters(failures=2)
+    s, done = start_sink(fake, writer)
+    try:
+        trigger(fake)(s)
+        writer.wait_calls(3)  # two writes failed; the third is under way
+        assert no_report(done)
+        writer.release.set()
+        assert [r.offset for r in done.get(timeout=5)] == [42]
+        assert writer.calls == 3 and len(writer.written) == 1
+    finally:
+        writer.release.set()
+        s.close(2.0)

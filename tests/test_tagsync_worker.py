@@ -10,6 +10,7 @@ import io
 import itertools
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -34,9 +35,10 @@ from gateway.embedded_broker import EmbeddedBroker
 from gateway.event import NormalizedEvent, Received
 from gateway.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.records import build_record, header
+from gateway.tagsync import metrics as tagsync_metrics
 from gateway.tagsync.worker import CAUGHT_UP_SLACK, run_tag_sync
 
-from .conftest import API_VERSION, KAFKA_API_VERSION, read_topic, unique
+from .conftest import APACHE, API_VERSION, KAFKA_API_VERSION, read_topic, unique
 
 API_KEY = "test-app-key-123"
 APP = "11111111-2222-3333-4444-555555555555"
@@ -157,6 +159,40 @@ def all_committed(broker: EmbeddedBroker, group: str, topic: str) -> bool:
     ends = end_offsets(broker, topic)
     got = committed(broker, group, topic)
     return all(end == 0 or got.get(p) == end for p, end in ends.items())
+
+
+def commit_log(broker: EmbeddedBroker, group: str, topic: str) -> list[tuple[float, int, int]]:
+    """Every offset commit ``group`` made for ``topic``, as Kafka logged it, in order.
+
+    Read from ``__consumer_offsets``, where each commit is a record (so none is missed, as
+    sampling ``committed()`` would): (wall-clock seconds, partition, committed offset).
+    Key versions 0 and 1 are offset commits (group, topic, partition); every value version
+    starts with the offset. Apache Kafka only: the mock cluster keeps no such topic.
+    """
+    out: list[tuple[float, int, int]] = []
+    records = read_topic(broker.bootstrap_servers, "__consumer_offsets")
+    for rec in sorted(records, key=lambda r: (r.partition, r.offset)):
+        key, value = rec.key, rec.value
+        if value is None or struct.unpack_from(">h", key)[0] not in (0, 1):
+            continue
+        pos = 2
+        fields: list[str] = []
+        for _ in range(2):
+            (n,) = struct.unpack_from(">h", key, pos)
+            fields.append(key[pos + 2 : pos + 2 + n].decode())
+            pos += 2 + n
+        (partition,) = struct.unpack_from(">i", key, pos)
+        if fields == [group, topic]:
+            _, offset = struct.unpack_from(">hq", value)
+            out.append((rec.timestamp / 1000, partition, offset))
+    return out
+
+
+def lag(topic: str, partition: int) -> float | None:
+    """The worker's own lag gauge for the partition: set each time it reached its commit step."""
+    want = {"topic": topic, "partition": str(partition)}
+    samples = tagsync_metrics.CONSUMER_LAG.collect()[0].samples
+    return next((x.value for x in samples if x.labels == want), None)
 
 
 def wait_until(cond: Callable[[], bool], timeout_s: float = 45.0, every: float = 0.1) -> bool:
@@ -364,7 +400,7 @@ def test_a_backlog_read_one_partition_at_a_time_sends_each_user_once(
             lambda f: len(f.all_tags()) == n_users and all_committed(broker, group, topic),
             timeout_s=60,
         )
-        time.sleep(0.5)  # nothing more is sent
+    # after a clean stop (which drains what is pending), nothing more can be sent
     reqs = fake.requests
     assert len(reqs) == n_users and all(r.status == 202 for r in reqs)
     final = str(1_700_000_000 + rounds - 1)
@@ -385,19 +421,26 @@ def test_retry_after_5xx_retries_permanent_failures_and_commit_order(
     placed = produce(broker, topic, [ev({"external_id": n}, t=i) for i, n in enumerate(names)], 0)
     offset = {n: off for n, (_, off) in zip(names, placed, strict=True)}
 
-    samples: list[int | None] = []
+    wall = time.time() - time.monotonic()  # the fake logs monotonic time, Kafka wall time
     with running(cfg):
-        # Until "slow" succeeded, partition 0 must not be committed past it.
-        def slow_done() -> bool:
-            samples.append(committed(broker, group, topic).get(0))
-            return any(r.status == 202 for r in user_requests(fake, "slow"))
-
-        assert wait_until(slow_done, timeout_s=45, every=0.05)
-        assert fake.wait_for(lambda f: len(f.all_tags()) == 4, timeout_s=20)
+        assert fake.wait_for(lambda f: len(f.all_tags()) == 4, timeout_s=45)
         assert wait_until(lambda: all_committed(broker, group, topic))
 
-    assert all(s is None or s <= offset["slow"] for s in samples[:-1])
     reqs = fake.requests
+    if APACHE:
+        # Every commit of partition 0, not samples: a commit up to offset N comes after the
+        # final answer for every event before N (202, or the 4xx that dead-lettered it, which
+        # is done later still: once the dead letter is acknowledged). Kafka logs whole ms.
+        final = {n: wall + user_requests(fake, n)[-1].at for n in names}
+        commits = [(at, off) for at, p, off in commit_log(broker, group, topic) if p == 0]
+        assert commits and commits[-1][1] == placed[-1][1] + 1
+        for at, off in commits:
+            early = [n for n in names if offset[n] < off and final[n] > at + 0.002]
+            assert not early, f"offset {off} committed before {early} were done"
+        assert [off for _, off in commits] == sorted(off for _, off in commits)
+        slow_ok = wall + min(r.at for r in user_requests(fake, "slow") if r.status == 202)
+        assert all(off <= offset["slow"] for at, off in commits if at < slow_ok)
+
     # Retry-After is honoured for the whole app: nothing at all is sent before it passed.
     for i, r in enumerate(reqs[:-1]):
         if r.status in (429, 503):
@@ -448,11 +491,15 @@ def test_dry_run_prints_and_sends_and_commits_nothing(
 ) -> None:
     topic, group = unique("ts-dry"), unique("g")
     cfg = make_config(broker, fake, topic, group, flush_interval_s=0.1)
-    produce(broker, topic, [ev({"external_id": "d/1"}, t=1), ev({"external_id": "d2"}, t=2)])
+    placed = produce(
+        broker, topic, [ev({"external_id": "d/1"}, t=1), ev({"external_id": "d2"}, t=2)]
+    )
     out = io.StringIO()
     with running(cfg, dry_run=True, out=out):
         assert wait_until(lambda: out.getvalue().count("\n") >= 2)
-        time.sleep(0.7)  # a commit would have happened by now (every 0.5 s)
+        # The worker reached its commit step with both offsets done (its lag gauge, set
+        # there, is 0): a real run would have committed them by now.
+        assert wait_until(lambda: all(lag(topic, p) == 0 for p, _ in placed), timeout_s=15)
     lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert {line["url"] for line in lines} == {
         f"{fake.url}/apps/{APP}/users/by/external_id/d%2F1",
@@ -578,6 +625,14 @@ def test_kill9_replays_and_sigterm_commits(
     before = len(reqs)
     cfg = make_config(broker, fake, topic, group, flush_interval_s=0.2)
     with running(cfg):
-        time.sleep(4.5)  # group join (~3 s) plus a flush window
-    assert len(fake.requests) == before
+        # One new event per partition, after everything committed: once each has been sent,
+        # the worker joined, was assigned every partition and read past all of the old
+        # records; the clean stop then drains anything else it had pending.
+        partitions = sorted(end_offsets(broker, topic))
+        for p in partitions:
+            produce(broker, topic, [ev({"external_id": f"probe-{p}"}, t=1000)], partition=p)
+        assert fake.wait_for(
+            lambda f: all(user_requests(f, f"probe-{p}") for p in partitions), timeout_s=45
+        )
+    assert len(fake.requests) == before + len(partitions)  # only the new events were sent
     assert applied()
