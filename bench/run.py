@@ -462,13 +462,20 @@ _PERF_SUMMARY = re.compile(
 )
 
 
+# a failed send is not counted in the summary; its callback prints the exception's trace
+_PERF_FAILED_SEND = re.compile(r"^[\w.$]+(?:Exception|Error)(?::|$)", re.M)
+
+
 def parse_producer_performance(out: str) -> dict[str, float]:
-    """The final summary line of ProducerPerformance (the progress lines lack percentiles)."""
+    """The final summary line of ProducerPerformance (the progress lines lack percentiles),
+    and ``failed``: how many exception traces it printed (each a send that was not acked)."""
     found = list(_PERF_SUMMARY.finditer(out))
     if not found:
         raise RuntimeError(f"ProducerPerformance printed no summary line:\n{out[-2000:]}")
     m = found[-1]
-    return {k: float(v) for k, v in m.groupdict().items()}
+    figures = {k: float(v) for k, v in m.groupdict().items()}
+    figures["failed"] = float(len(_PERF_FAILED_SEND.findall(out)))
+    return figures
 
 
 def gateway_record_bytes() -> int:
@@ -556,7 +563,7 @@ def java_ceiling(
         p50_ms=r["p50"],
         p99_ms=r["p99"],
         requests=int(r["records"]),
-        non_2xx=0,  # ProducerPerformance fails the run on a send error
+        non_2xx=int(r["failed"]),  # sends not acked (the summary counts the acked ones)
         socket_errors=0,
         peak_rss_mb=peak_mb,
         notes={
