@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 .PHONY: install demo test lint bench compat
 # `make compat`: the test files that talk to Kafka, against each release below (real Apache
 # Kafka from Maven Central; needs Java 17+ and Maven). The CI pin is kafka_cluster.DEFAULT_VERSION.
-COMPAT_VERSIONS ?= 3.9.1 4.4.0
+COMPAT_VERSIONS ?= 3.9.2 4.4.0
 COMPAT_TESTS ?= tests/test_ingress.py tests/test_ingress_outage.py tests/test_fuzz.py \
 	tests/test_logs.py tests/test_serve_cli.py tests/test_allowlist_refresh.py \
 	tests/test_producer_process.py tests/test_faults.py tests/test_topics.py tests/test_ops.py \
