@@ -1,7 +1,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench mutate
+.PHONY: install demo test lint bench compat mutate
+# `make compat`: the test files that talk to Kafka, against each release below (real Apache
+# Kafka from Maven Central; needs Java 17+ and Maven). The CI pin is kafka_cluster.DEFAULT_VERSION.
+COMPAT_VERSIONS ?= 3.9.2 4.4.0
+COMPAT_TESTS ?= tests/test_ingress.py tests/test_ingress_outage.py tests/test_fuzz.py \
+	tests/test_logs.py tests/test_serve_cli.py tests/test_allowlist_refresh.py \
+	tests/test_producer_process.py tests/test_faults.py tests/test_topics.py tests/test_ops.py \
+	tests/test_tagsync_worker.py tests/test_tagsync_auth.py tests/test_cluster_faults.py \
+	tests/test_producer_stall.py tests/test_sink.py
 $(VENV)/bin/gateway: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
@@ -25,3 +33,9 @@ mutate: install
 	$(VENV)/bin/mutmut results --all true > mutation-report.txt
 	@sed -E 's/^ *(gateway[a-z_.]*)\.x[^:]*: (.*)$$/\1 \2/' mutation-report.txt | sort | uniq -c \
 		| awk '{n=$$1; $$1=""; print $$0 ":", n}'
+compat: install
+	@fail=0; for v in $(COMPAT_VERSIONS); do \
+	  echo "== Apache Kafka $$v"; \
+	  GATEWAY_TEST_KAFKA=apache GATEWAY_TEST_KAFKA_VERSION=$$v \
+	    $(VENV)/bin/pytest -q $(COMPAT_TESTS) $(COMPAT_ARGS) || fail=1; \
+	done; exit $$fail

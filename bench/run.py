@@ -1,12 +1,17 @@
 """The ingress benchmark: our gateway against the ceilings it runs between, in one run.
 
-``python -m bench.run [--duration 10] [--connections 64] [--soak 0] [--only ...] [--json F]``
+``python -m bench.run [--kafka mock|apache] [--duration 10] [--connections 64] [--soak 0]
+[--only ...] [--json F]``
 
-One embedded broker, then for each target a server in its own process, loaded with wrk and
-the same OneSignal body (a new ``event.id`` per request) on loopback:
+One broker (the embedded mock by default; ``--kafka apache``: one real Apache Kafka node), then
+for each target a server in its own process, loaded with wrk and the same OneSignal body (a new
+``event.id`` per request) on loopback:
 
 - ``bare``: the HTTP stack alone (Starlette answering 204), the ceiling of the HTTP side;
 - ``kafka``: kafka-python producing our record as fast as it can, the ceiling of the Kafka side;
+- ``java`` (``--kafka apache`` only): Kafka's own ProducerPerformance, the Java client's
+  ceiling with the same record size and producer settings (pipelined sends: a ceiling, not a
+  rival that acknowledges each request);
 - ``naive``: the handler a user would write (``send(...).get()`` in a thread pool);
 - ``ours``: ``gateway serve`` with the whole path on (trusted proxy, allowlist, secret,
   normalize, dedupe, ack).
@@ -49,6 +54,7 @@ import orjson
 from gateway import samples
 from gateway.config import KafkaConfig
 from gateway.embedded_broker import API_VERSION, EmbeddedBroker
+from gateway.kafka_cluster import DEFAULT_VERSION, KafkaCluster, libs_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).with_name("post.lua")
@@ -57,7 +63,13 @@ SECRET = "bench-secret-" + "0123456789abcdef" * 2
 SECRET_ENV = "BENCH_EVENT_STREAM_SECRETS"  # noqa: S105 (a variable's name)
 XFF = "34.90.12.34"  # in OneSignal's published europe-west4 ranges; the peer 127.0.0.1 is trusted
 PLACEHOLDER = "EVENT_ID_PLACEHOLDER"
-TARGETS = ("bare", "kafka", "naive", "ours", "soak", "tagsync", "allowlist")
+TARGETS = ("bare", "kafka", "java", "naive", "ours", "soak", "tagsync", "allowlist")
+APACHE_ONLY = {"java"}
+JAVA_TOPIC = "bench.ceiling.java"
+JAVA_CALIBRATION_RECORDS = 100_000
+JAVA_MAX_RECORDS = 3_000_000  # ~7 GB at most on the node's disk, deleted with it
+# one real node, full JIT (the tests' C1-only start is quicker, not faster), a larger heap
+APACHE_HEAP_MB = 1024
 WRK_THREADS = 2
 RESULTS = ROOT / "bench-results"
 
@@ -307,11 +319,12 @@ class Load:
 # the servers
 
 
-def write_config(workdir: Path, bootstrap: str, workers: int = 1) -> Path:
+def write_config(workdir: Path, bootstrap: str, workers: int = 1, api_version: str = "") -> Path:
     """The gateway's config for the run: real verification, dedupe on, loopback only.
 
     The bare and naive servers read the same ``[server]`` settings, ``workers`` included, so
-    every HTTP target runs with the same number of processes.
+    every HTTP target runs with the same number of processes. ``api_version`` is the mock's
+    pin, or empty against Apache Kafka (kafka-python negotiates; a pin would be a ceiling).
     """
     path = workdir / "gateway.toml"
     path.write_text(
@@ -333,7 +346,7 @@ refresh_interval_s = 0  # no download in the middle of a measurement
 
 [kafka]
 bootstrap_servers = "{bootstrap}"
-api_version = "{API_VERSION}"
+api_version = "{api_version}"
 topic = "bench.ours.{{channel}}"
 dead_letter_topic = "bench.ours.dead-letter"
 
@@ -439,6 +452,129 @@ def kafka_ceiling(config: Path, args: argparse.Namespace) -> LoadResult:
         socket_errors=0,
         peak_rss_mb=r["peak_rss_kb"] / 1024,
         notes={"value_bytes": r["value_bytes"], "window": args.kafka_window},
+    )
+
+
+_PERF_SUMMARY = re.compile(
+    r"(?P<records>\d+) records sent, (?P<rps>[\d.]+) records/sec \((?P<mb_s>[\d.]+) MB/sec\), "
+    r"(?P<avg>[\d.]+) ms avg latency, (?P<max>[\d.]+) ms max latency, (?P<p50>\d+) ms 50th, "
+    r"(?P<p95>\d+) ms 95th, (?P<p99>\d+) ms 99th, (?P<p999>\d+) ms 99.9th"
+)
+
+
+# a failed send is not counted in the summary; its callback prints the exception's trace
+_PERF_FAILED_SEND = re.compile(r"^[\w.$]+(?:Exception|Error)(?::|$)", re.M)
+
+
+def parse_producer_performance(out: str) -> dict[str, float]:
+    """The final summary line of ProducerPerformance (the progress lines lack percentiles),
+    and ``failed``: how many exception traces it printed (each a send that was not acked)."""
+    found = list(_PERF_SUMMARY.finditer(out))
+    if not found:
+        raise RuntimeError(f"ProducerPerformance printed no summary line:\n{out[-2000:]}")
+    m = found[-1]
+    figures = {k: float(v) for k, v in m.groupdict().items()}
+    figures["failed"] = float(len(_PERF_FAILED_SEND.findall(out)))
+    return figures
+
+
+def gateway_record_bytes() -> int:
+    """Value, key and header bytes of the record the gateway writes for the benchmark body."""
+    from bench.apps.kafka_ceiling import bench_record
+
+    r = bench_record()
+    return len(r.value) + len(r.key or b"") + sum(len(k) + len(v) for k, v in r.headers)
+
+
+def java_producer_props(bootstrap: str, config: Path, record_bytes: int, window: int) -> list[str]:
+    """The kafka-python ceiling's producer settings (gateway.sink.producer_options), in Java.
+
+    kafka-python's ceiling keeps at most ``window`` records outstanding; the Java producer's
+    bound is bytes, so ``buffer.memory`` is that window in bytes (never below one batch).
+    """
+    from gateway.config import load_config
+
+    k = load_config(config, env=child_env()).kafka
+    return [
+        f"bootstrap.servers={bootstrap}",
+        "acks=all",
+        "enable.idempotence=true",
+        "max.in.flight.requests.per.connection=5",
+        f"linger.ms={k.linger_ms}",
+        f"batch.size={k.batch_size}",
+        f"compression.type={k.compression_type or 'none'}",
+        f"request.timeout.ms={k.request_timeout_ms}",
+        f"delivery.timeout.ms={k.delivery_timeout_ms}",
+        f"buffer.memory={max(k.batch_size, window * record_bytes)}",
+        "client.id=bench-java-ceiling",
+    ]
+
+
+def java_ceiling(
+    cluster: KafkaCluster, config: Path, workdir: Path, args: argparse.Namespace
+) -> LoadResult:
+    """Kafka's own ProducerPerformance: what the Java client gets out of this node.
+
+    It counts records, not seconds: a calibration pass (which also warms the node) gives the
+    rate, then the measured pass sends about ``--duration`` seconds' worth, sized again from
+    its own rate (at most twice) if it ran under 80% of that. Each pass is a JVM of its own,
+    so the measured one includes the client's JIT warm-up.
+    """
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("no java on PATH")
+    size = gateway_record_bytes()
+    props = java_producer_props(cluster.bootstrap_servers, config, size, args.kafka_window)
+    log4j = workdir / "perf-log4j2.properties"
+    log4j.write_text("rootLogger.level = error\n")
+    base = [java, "-Xmx512m", f"-Dlog4j2.configurationFile={log4j}"]
+    base += ["-cp", str(libs_dir(cluster.version) / "*")]
+    base.append("org.apache.kafka.tools.ProducerPerformance")
+
+    def run(records: int) -> tuple[dict[str, float], float]:
+        cmd = [*base, "--topic", JAVA_TOPIC, "--num-records", str(records)]
+        cmd += ["--record-size", str(size), "--throughput", "-1", "--producer-props", *props]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            with RssSampler(proc.pid) as rss:
+                out, _ = proc.communicate(timeout=args.duration * 3 + 120)
+        finally:
+            stop_process(proc)
+        text = out.decode(errors="replace")
+        if proc.returncode != 0:
+            raise RuntimeError(f"ProducerPerformance exited {proc.returncode}: {text[-2000:]}")
+        return parse_producer_performance(text), rss.peak_kb / 1024
+
+    cal, _ = run(JAVA_CALIBRATION_RECORDS)
+    rate, passes = cal["rps"], 0
+    while True:
+        n = int(min(JAVA_MAX_RECORDS, max(JAVA_CALIBRATION_RECORDS, rate * args.duration)))
+        r, peak_mb = run(n)
+        passes += 1
+        # the cold calibration JVM underestimates the rate: once more if the pass was short
+        if passes >= 3 or n >= JAVA_MAX_RECORDS or r["records"] / r["rps"] >= 0.8 * args.duration:
+            break
+        rate = r["rps"] * 1.25  # a longer pass runs faster still (the client's JIT warms up)
+    return LoadResult(
+        name="java",
+        rps=r["rps"],
+        p50_ms=r["p50"],
+        p99_ms=r["p99"],
+        requests=int(r["records"]),
+        non_2xx=int(r["failed"]),  # sends not acked (the summary counts the acked ones)
+        socket_errors=0,
+        peak_rss_mb=peak_mb,
+        notes={
+            "record_bytes": size,
+            "records": int(r["records"]),
+            "seconds": r["records"] / r["rps"] if r["rps"] else math.nan,
+            "avg_ms": r["avg"],
+            "calibration_rps": cal["rps"],
+            "passes": passes,
+            "producer_props": props[1:],
+        },
     )
 
 
@@ -617,14 +753,15 @@ def tagsync(bootstrap: str, workdir: Path, args: argparse.Namespace) -> dict[str
         )
     built = time.perf_counter() - built
 
-    kafka_opts: dict[str, Any] = {
-        "bootstrap_servers": bootstrap.split(","),
-        "api_version": tuple(int(p) for p in API_VERSION.split(".")),
-    }
+    kafka_opts: dict[str, Any] = {"bootstrap_servers": bootstrap.split(",")}
+    if args.api_version:
+        kafka_opts["api_version"] = tuple(int(p) for p in args.api_version.split("."))
     backlog_bytes = sum(
         len(r.value) + len(r.key or b"") + sum(len(k) + len(v) for k, v in r.headers)
         for _, r in records
     )
+    # the same layout against Apache Kafka (its auto-created topics have 4 partitions too), so
+    # the two backends' figures differ in the broker only
     n_topics = max(1, math.ceil(backlog_bytes / (MOCK_PARTITIONS * MOCK_PARTITION_BUDGET_BYTES)))
     topics = [f"{prefix}.{i}" for i in range(n_topics)]
     # Batched as the gateway's own producer batches (kafka.batch_size): the mock cluster answers
@@ -674,7 +811,7 @@ log_level = "warning"
 
 [kafka]
 bootstrap_servers = "{bootstrap}"
-api_version = "{API_VERSION}"
+api_version = "{args.api_version}"
 
 [onesignal]
 api_url = "{fake_url}"
@@ -995,12 +1132,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str,
         f"loopback, wrk -t{WRK_THREADS} -c{args.connections} -d{args.duration:g}s after "
         f"{args.warmup:g}s warm-up, body {results['body_bytes']} B, "
         f"{args.workers} uvicorn worker(s) per HTTP target, "
-        f"{os.cpu_count()} CPUs shared (absolute figures are noisy; read the ratios)"
+        f"{os.cpu_count()} CPUs shared (absolute figures are noisy; read the ratios); "
+        f"broker: {results.get('kafka', 'embedded mock')}; load average at start "
+        f"{results.get('load', '?')}, now {_load_average()}"
     )
     print(f"{'target':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'peak RSS':>10}")
     labels = {
         "bare": "1 HTTP ceiling (Starlette 204)",
-        "kafka": "2 Kafka ceiling (records/s, ack)",
+        "kafka": "2 Kafka ceiling (kafka-python)",
+        "java": "2b Kafka ceiling (Java client)",
         "naive": "3 naive (send().get() in pool)",
         "ours": "4 ours (whole path)",
     }
@@ -1018,6 +1158,14 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str,
         print(
             f"  (kafka: {k.notes['value_bytes']} B values, {k.notes['window']} records "
             "outstanding at most; its latency is ack queueing, not a request's)"
+        )
+    if "java" in loads:
+        j = loads["java"]
+        print(
+            f"  (java: ProducerPerformance, {j.notes['records']} records of "
+            f"{j.notes['record_bytes']} B (our record's value + key + headers) in "
+            f"{j.notes['seconds']:.1f}s, {' '.join(j.notes['producer_props'])}; pipelined "
+            "async sends: a ceiling, not a rival that acknowledges each request)"
         )
     checks: list[tuple[str, bool | None]] = []
     ours = loads.get("ours")
@@ -1046,6 +1194,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str,
             f"ours / HTTP ceiling = {ours.rps / loads['bare'].rps:.0%}, "
             f"ours / Kafka ceiling = {ours.rps / loads['kafka'].rps:.0%}"
         )
+    if ours and "java" in loads:
+        print(f"ours / Java client's ceiling = {ours.rps / loads['java'].rps:.0%}")
+    if "kafka" in loads and "java" in loads:
+        print(f"kafka-python / Java client = {loads['kafka'].rps / loads['java'].rps:.0%}")
     if ours:
         p99_ok = ours.p99_ms <= MAX_P99_MS if args.connections == 64 else None
         checks.append(
@@ -1163,6 +1315,18 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--kafka",
+        choices=("mock", "apache"),
+        default="mock",
+        help="the broker every row runs against: the embedded mock (Python only), or one real "
+        "Apache Kafka node (Java 17+ and Maven; adds the Java client's ceiling)",
+    )
+    p.add_argument(
+        "--kafka-version",
+        default=DEFAULT_VERSION,
+        help="Apache Kafka release for --kafka apache",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per target")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     p.add_argument("--connections", type=int, default=64)
@@ -1215,7 +1379,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = only - set(TARGETS)
     if unknown:
         p.error(f"--only: unknown target(s) {', '.join(sorted(unknown))}; one of {TARGETS}")
-    args.targets = [t for t in TARGETS if (t in only if only else t != "soak" or args.soak > 0)]
+    if args.kafka == "mock" and only & APACHE_ONLY:
+        p.error(f"--only {','.join(sorted(only & APACHE_ONLY))} needs --kafka apache")
+    skipped = set() if args.kafka == "apache" else APACHE_ONLY
+    args.targets = [
+        t
+        for t in TARGETS
+        if t not in skipped and (t in only if only else t != "soak" or args.soak > 0)
+    ]
+    # kafka-python negotiates with Apache Kafka; the mock cannot decode newer ApiVersions
+    args.api_version = "" if args.kafka == "apache" else API_VERSION
     if "soak" in args.targets:
         args.soak = args.soak if args.soak > 0 else 300.0
         if "ours" not in args.targets:  # the soak's rate is half of ours' measured maximum
@@ -1225,19 +1398,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _load_average() -> str:
+    """1, 5 and 15 minute load averages: the machine is shared, the figures say how much."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     results: dict[str, Any] = {"loads": {}, "started": datetime.now(UTC).isoformat()}
-    needs_broker = set(args.targets) & {"bare", "kafka", "naive", "ours", "soak", "tagsync"}
+    results["load"] = _load_average()
+    needs_broker = set(args.targets) & {"bare", "kafka", "java", "naive", "ours", "soak", "tagsync"}
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, contextlib.ExitStack() as st:
         workdir = Path(tmp)
         load = Load(workdir)
         results["body_bytes"] = load.body_bytes
+        results["kafka"] = (
+            "embedded mock" if args.kafka == "mock" else f"Apache Kafka {args.kafka_version}"
+        )
         bootstrap = ""
-        if needs_broker:
+        cluster: KafkaCluster | None = None
+        if needs_broker and args.kafka == "apache":
+            print(f"-- starting Apache Kafka {args.kafka_version} (1 node, full JIT)", flush=True)
+            cluster = st.enter_context(
+                KafkaCluster(
+                    nodes=1,
+                    version=args.kafka_version,
+                    quick_jit=False,
+                    heap_mb=APACHE_HEAP_MB,
+                    base_dir=workdir / "kafka",
+                )
+            )
+            bootstrap = cluster.bootstrap_servers
+        elif needs_broker:
             broker = st.enter_context(EmbeddedBroker())
             bootstrap = broker.bootstrap_servers
-        config = write_config(workdir, bootstrap or "127.0.0.1:9", args.workers)
+        config = write_config(workdir, bootstrap or "127.0.0.1:9", args.workers, args.api_version)
         for target in args.targets:
             print(f"-- {target}", flush=True)
             try:
@@ -1251,6 +1446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif target == "kafka":
                     r = kafka_ceiling(config, args)
                     results["loads"]["kafka"] = r
+                    print(f"   {r.rps:.0f} records/s", flush=True)
+                elif target == "java":
+                    assert cluster is not None
+                    r = java_ceiling(cluster, config, workdir, args)
+                    results["loads"]["java"] = r
                     print(f"   {r.rps:.0f} records/s", flush=True)
                 elif target == "soak":
                     ours = results["loads"].get("ours")

@@ -40,15 +40,19 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_VERSION",
+    "VERSION_ENV",
     "KafkaCluster",
     "KafkaUnavailable",
     "available",
     "libs_dir",
     "provision",
+    "wanted_version",
 ]
 
 # The release CI runs. `make compat` runs the integration suite against others too.
 DEFAULT_VERSION = "4.1.1"
+# which release the tests (and `provision`/`run` without --version) use instead of the pin
+VERSION_ENV = "GATEWAY_TEST_KAFKA_VERSION"
 _LOG4J = "2.24.3"
 _SLF4J = "2.0.17"
 
@@ -96,6 +100,21 @@ def _cache_root() -> Path:
         return Path(configured)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "onesignal-kafka-gateway" / "kafka"
+
+
+def wanted_version(env: Mapping[str, str] | None = None) -> str:
+    """The release named by ``GATEWAY_TEST_KAFKA_VERSION``, else the CI pin.
+
+    Checked here, not by Maven: a typo would otherwise surface as a long resolution error.
+    """
+    value = (os.environ if env is None else env).get(VERSION_ENV, "").strip()
+    if not value:
+        return DEFAULT_VERSION
+    if not re.fullmatch(r"\d+\.\d+\.\d+", value):
+        raise KafkaUnavailable(
+            f"{VERSION_ENV} must be a Kafka release like {DEFAULT_VERSION}, not {value!r}"
+        )
+    return value
 
 
 def libs_dir(version: str = DEFAULT_VERSION) -> Path:
@@ -535,12 +554,13 @@ def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.kafka_cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("provision", help="resolve Kafka's jars from Maven Central into the cache")
-    p.add_argument("--version", default=DEFAULT_VERSION)
+    p.add_argument("--version", help=f"default: ${VERSION_ENV}, else {DEFAULT_VERSION}")
     r = sub.add_parser("run", help="a cluster on loopback until Ctrl-C or SIGTERM")
-    r.add_argument("--version", default=DEFAULT_VERSION)
+    r.add_argument("--version", help=f"default: ${VERSION_ENV}, else {DEFAULT_VERSION}")
     r.add_argument("--nodes", type=int, default=1, choices=(1, 3))
     args = parser.parse_args(argv)
     try:
+        args.version = args.version or wanted_version()
         if args.command == "provision":
             started = time.monotonic()
             print(provision(args.version), f"({time.monotonic() - started:.1f} s)")

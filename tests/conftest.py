@@ -6,6 +6,9 @@ The backend is chosen by ``GATEWAY_TEST_KAFKA``:
 - ``mock``: librdkafka's mock cluster from the confluent-kafka wheel (Python only).
 - unset or ``auto``: ``apache`` where this machine has Java 17+ and Maven, else ``mock`` with a
   one-line notice, so the README's test command passes on a Python-only machine.
+
+The Apache Kafka release is ``GATEWAY_TEST_KAFKA_VERSION`` (default: the CI pin,
+``kafka_cluster.DEFAULT_VERSION``); ``make compat`` runs the integration files against others.
 """
 
 from __future__ import annotations
@@ -27,17 +30,27 @@ from gateway.kafka_cluster import KafkaCluster, KafkaUnavailable
 Broker = EmbeddedBroker | KafkaCluster
 
 
+def _wanted_version() -> str:
+    try:
+        return kafka_cluster.wanted_version()
+    except KafkaUnavailable as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+KAFKA_VERSION = _wanted_version()
+
+
 def _choose_backend() -> tuple[str, str]:
     wanted = os.environ.get("GATEWAY_TEST_KAFKA", "auto").strip().lower() or "auto"
     if wanted not in ("apache", "mock", "auto"):
         raise pytest.UsageError(f"GATEWAY_TEST_KAFKA must be apache, mock or auto, not {wanted!r}")
     if wanted == "mock":
         return "mock", "GATEWAY_TEST_KAFKA=mock"
-    ok, why = kafka_cluster.available()
+    ok, why = kafka_cluster.available(KAFKA_VERSION)
     if ok:
         try:
-            kafka_cluster.provision()
-            return "apache", f"Apache Kafka {kafka_cluster.DEFAULT_VERSION} ({why})"
+            kafka_cluster.provision(KAFKA_VERSION)
+            return "apache", f"Apache Kafka {KAFKA_VERSION} ({why})"
         except KafkaUnavailable as exc:
             why = str(exc).splitlines()[0]
     if wanted == "apache":
@@ -65,7 +78,7 @@ def pytest_report_header() -> str:
 
 def _new_broker() -> Broker:
     if APACHE:
-        return KafkaCluster(nodes=1).start()
+        return KafkaCluster(nodes=1, version=KAFKA_VERSION).start()
     return EmbeddedBroker().start()
 
 
@@ -94,7 +107,7 @@ def cluster3() -> Iterator[KafkaCluster]:
     """Three Apache Kafka nodes (RF 3, min.insync.replicas 2, no topic auto-creation)."""
     if not APACHE:
         pytest.skip("needs real Apache Kafka (GATEWAY_TEST_KAFKA=apache; Java 17+ and Maven)")
-    with KafkaCluster(nodes=3, auto_create_topics=False) as c:
+    with KafkaCluster(nodes=3, version=KAFKA_VERSION, auto_create_topics=False) as c:
         yield c
 
 
