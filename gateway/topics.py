@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -198,26 +199,77 @@ def create_topics(cfg: Config, *, dry_run: bool, out: TextIO) -> int:
             response = None
     finally:
         admin.close()
-    errors = _creation_errors(response)
+    errors, existed = _creation_errors(response)
+    made = [n for n in missing if n not in errors and n not in existed]
+    visible = _wait_visible(cfg.kafka, made)
     for name in missing:
         if name in errors:
             problems += 1
             print(f"topic {name}: FAILED: {errors[name]}", file=out)
+        elif name in existed:
+            print(f"topic {name}: already exists (made meanwhile)", file=out)
+        elif name not in visible:
+            problems += 1
+            print(f"topic {name}: FAILED: created, but not visible with leaders in 30s", file=out)
         else:
             print(f"topic {name}: created ({plan})", file=out)
     return 1 if problems else 0
 
 
-def _creation_errors(response: Any) -> dict[str, str]:
+def _wait_visible(kafka: KafkaConfig, names: list[str], timeout_s: float = 30.0) -> set[str]:
+    """Until every new topic has a leader for every partition, in several reads in a row.
+
+    The controller answers CreateTopics before every broker has applied the new metadata; a
+    read served by a broker that lags says the topic is missing. Each read may be served by
+    another broker, so several agreeing reads in a row stand for the cluster.
+    """
+    if not names:
+        return set()
+    deadline = time.monotonic() + timeout_s
+    agreeing = 0
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        try:
+            seen = {s.name for s in _led(kafka, names)}
+        except Exception:  # a node still starting, a timeout: read again
+            seen = set()
+        agreeing = agreeing + 1 if seen == set(names) else 0
+        if agreeing >= 5:
+            break
+        time.sleep(0.1)
+    return seen
+
+
+def _led(kafka: KafkaConfig, names: list[str]) -> list[TopicStatus]:
+    admin = _admin(kafka)
+    try:
+        described = admin.describe_topics(names)
+    finally:
+        admin.close()
+    return [
+        TopicStatus(t["name"], exists=True, partitions=len(t["partitions"]))
+        for t in described
+        if t.get("error_code", 0) == 0
+        and t.get("partitions")
+        and all(p["leader_id"] >= 0 for p in t["partitions"])
+    ]
+
+
+def _creation_errors(response: Any) -> tuple[dict[str, str], set[str]]:
+    """(the topics Kafka refused, with why; the ones that existed already)."""
     if response is None:
-        return {}
-    out: dict[str, str] = {}
+        return {}, set()
+    errors: dict[str, str] = {}
+    existed: set[str] = set()
     body = response.to_object() if hasattr(response, "to_object") else {}
     for t in body.get("topics") or body.get("topic_errors") or []:
+        name = t.get("name") or t.get("topic")
         code = t.get("error_code", 0)
-        if code not in (0, 36):  # 36: already exists, which is what we wanted
-            out[t.get("name") or t.get("topic")] = f"error {code}: {t.get('error_message')}"
-    return out
+        if code == 36:  # TOPIC_ALREADY_EXISTS: another replica or an operator was quicker
+            existed.add(name)
+        elif code != 0:
+            errors[name] = f"error {code}: {t.get('error_message')}"
+    return errors, existed
 
 
 class TopicWatcher:
