@@ -403,7 +403,10 @@ class KafkaCluster:
         finally:
             admin.close()
         self._wait(
-            lambda: _all_led(self.partitions(name), partitions), 30, f"topic {name} has no leaders"
+            lambda: _all_led(self.partitions(name), partitions),
+            30,
+            f"topic {name} has no leaders",
+            times=5,  # every node has applied it, not just the one that answered first
         )
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -459,13 +462,18 @@ class KafkaCluster:
         )
 
     @staticmethod
-    def _wait(cond: Any, timeout_s: float, what: str) -> None:
+    def _wait(cond: Any, timeout_s: float, what: str, times: int = 1) -> None:
+        """Until ``cond()`` holds ``times`` reads in a row (each may be served by another node)."""
         deadline = time.monotonic() + timeout_s
+        agreeing = 0
         while time.monotonic() < deadline:
+            ok = False
             with contextlib.suppress(Exception):
-                if cond():
-                    return
-            time.sleep(0.2)
+                ok = bool(cond())
+            agreeing = agreeing + 1 if ok else 0
+            if agreeing >= times:
+                return
+            time.sleep(0.1 if ok else 0.2)
         raise TimeoutError(what)
 
     def _properties(self, node: _Node) -> str:
