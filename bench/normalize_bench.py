@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from gateway import samples
-from gateway.normalize import normalize
+from gateway.core.normalize import normalize
+from gateway.devkit import samples
 
 KINDS = (
     "message.push.clicked",

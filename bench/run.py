@@ -51,10 +51,10 @@ import httpx
 import netaddr
 import orjson
 
-from gateway import samples
 from gateway.config import KafkaConfig
-from gateway.embedded_broker import API_VERSION, EmbeddedBroker
-from gateway.kafka_cluster import DEFAULT_VERSION, KafkaCluster, libs_dir
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import API_VERSION, EmbeddedBroker
+from gateway.devkit.kafka_cluster import DEFAULT_VERSION, KafkaCluster, libs_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).with_name("post.lua")
@@ -487,7 +487,7 @@ def gateway_record_bytes() -> int:
 
 
 def java_producer_props(bootstrap: str, config: Path, record_bytes: int, window: int) -> list[str]:
-    """The kafka-python ceiling's producer settings (gateway.sink.producer_options), in Java.
+    """The kafka-python ceiling's producer settings (gateway.kafka.sink.producer_options), in Java.
 
     kafka-python's ceiling keeps at most ``window`` records outstanding; the Java producer's
     bound is bytes, so ``buffer.memory`` is that window in bytes (never below one batch).
@@ -721,9 +721,9 @@ def tagsync(bootstrap: str, workdir: Path, args: argparse.Namespace) -> dict[str
     """
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-    from gateway.event import Received
-    from gateway.normalize import normalize
-    from gateway.records import build_record
+    from gateway.core.event import Received
+    from gateway.core.normalize import normalize
+    from gateway.core.records import build_record
 
     n_events, n_users = args.tagsync_events, args.tagsync_users
     per_user = max(1, n_events // n_users)
@@ -1056,7 +1056,7 @@ def allowlist(args: argparse.Namespace) -> dict[str, Any]:
     parse + bisect path is what is timed; the cached path (one sender address) is timed too.
     Rounds alternate between the two sets and the best round counts: the machine is shared.
     """
-    from gateway import ranges
+    from gateway.ingress import allowlist as ranges
 
     small_snap = ranges.load_snapshot(None, ["europe-west4"])
     big_doc = synthetic_cloud_json()

@@ -10,10 +10,10 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from . import __version__
-from . import ranges as ranges_mod
-from .config import Config, ConfigError, load_config
-from .logs import configure_logging, register_secrets
+from gateway import __version__
+from gateway.config import Config, ConfigError
+from gateway.ingress import allowlist as ranges_mod
+from gateway.startup import start
 
 __all__ = ["main"]
 
@@ -28,28 +28,16 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_and_register(_config_path(args))
-
-
-def load_and_register(path: str) -> Config:
-    """Load the config and register every secret it resolved with the log scrubber."""
-    cfg = load_config(path)
-    secrets = [s.reveal() for src in cfg.sources for s in src.secrets]
-    secrets += [a.api_key.reveal() for a in cfg.onesignal.apps if a.api_key]
-    if cfg.kafka.sasl_password:
-        secrets.append(cfg.kafka.sasl_password.reveal())
-    register_secrets(secrets)
-    return cfg
+    return start(_config_path(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
-    from .server import GatewayServer, uvicorn_config, uvicorn_options
+    from gateway.ingress.app import create_app
+    from gateway.ingress.server import GatewayServer, uvicorn_config, uvicorn_options
 
     cfg = _load(args)
-    configure_logging(cfg.server.log_level)
     overrides = {}
     if args.host:
         overrides["host"] = args.host
@@ -58,7 +46,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.server.workers > 1:
         # worker processes build their own app from the same file (see server.worker_app)
         os.environ["GATEWAY_CONFIG"] = os.path.abspath(cfg.path)
-        uvicorn.run("gateway.server:worker_app", factory=True, **uvicorn_options(cfg, **overrides))
+        uvicorn.run(
+            "gateway.ingress.server:worker_app", factory=True, **uvicorn_options(cfg, **overrides)
+        )
         return 0
     app = create_app(cfg)
     server = GatewayServer(uvicorn_config(app, cfg, **overrides))
@@ -67,29 +57,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tag_sync(args: argparse.Namespace) -> int:
-    from .tagsync.worker import run_tag_sync
+    from gateway.tagsync.worker import run_tag_sync
 
     cfg = _load(args)
-    configure_logging(cfg.server.log_level)
     return run_tag_sync(cfg, dry_run=args.dry_run)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from gateway.devkit.demo import run_demo
 
     return asyncio.run(run_demo(events=args.events, show=args.show))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .checks import check_config
+    from gateway.ops.check_config import check_config
 
     cfg = _load(args)
     return check_config(cfg, online=args.online, out=sys.stdout)
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from .checks import bootstrap_reachable
-    from .topics import create_topics
+    from gateway.kafka.topics import create_topics
+    from gateway.ops.check_config import bootstrap_reachable
 
     cfg = _load(args)
     if not bootstrap_reachable(cfg.kafka.bootstrap_servers, timeout_s=5.0):
@@ -99,7 +88,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_ranges(args: argparse.Namespace) -> int:
-    from . import ranges
+    from gateway.ingress import allowlist as ranges
 
     scopes = tuple(args.scope) if args.scope else None
     snapshot_path = args.snapshot
@@ -190,7 +179,7 @@ async def _download(
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from . import replay
+    from gateway.ops import replay
 
     cfg = _load(args)
     report = replay.run_replay(

@@ -1,8 +1,8 @@
 """Shared fixtures: a real Kafka broker on loopback.
 
 The backend is chosen by ``GATEWAY_TEST_KAFKA``:
-- ``apache``: real Apache Kafka (KRaft, from Maven Central, see gateway/kafka_cluster.py); the
-  run fails if it cannot be started. CI sets this.
+- ``apache``: real Apache Kafka (KRaft, from Maven Central, see
+  gateway/devkit/kafka_cluster.py); the run fails if it cannot be started. CI sets this.
 - ``mock``: librdkafka's mock cluster from the confluent-kafka wheel (Python only).
 - unset or ``auto``: ``apache`` where this machine has Java 17+ and Maven, else ``mock`` with a
   one-line notice, so the README's test command passes on a Python-only machine.
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from gateway import embedded_broker, kafka_cluster
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.kafka_cluster import KafkaCluster, KafkaUnavailable
+from gateway.devkit import embedded_broker, kafka_cluster
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.devkit.kafka_cluster import KafkaCluster, KafkaUnavailable
 
 Broker = EmbeddedBroker | KafkaCluster
 

@@ -34,9 +34,9 @@ import httpx
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 
-from gateway import samples
-from gateway.records import header
-from gateway.server import free_port
+from gateway.core.records import header
+from gateway.devkit import samples
+from gateway.ingress.server import free_port
 
 from .conftest import API_VERSION, KAFKA_API_VERSION
 from .ingress_helpers import EU_WEST4, ROTATED, SECRET

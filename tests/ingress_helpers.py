@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import orjson
 
-from gateway.app import create_app
 from gateway.config import Config, parse_config
+from gateway.ingress.app import create_app
+from gateway.ingress.server import ServerThread
 from gateway.metrics import IngressMetrics
-from gateway.server import ServerThread
 
 from .conftest import API_VERSION
 

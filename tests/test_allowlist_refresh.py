@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import samples
-from gateway.app import create_app
-from gateway.embedded_broker import EmbeddedBroker
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.ingress.app import create_app
+from gateway.ingress.server import ServerThread
 from gateway.metrics import IngressMetrics
-from gateway.server import ServerThread
 
 from .conftest import read_topic, unique
 from .ingress_helpers import EU_WEST4, SECRET, gateway_config, post, running_gateway, wait_ready

@@ -36,8 +36,8 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 
 from gateway.config import parse_config
-from gateway.fake_onesignal import FakeOneSignal, LoggedRequest
-from gateway.kafka_cluster import KafkaCluster
+from gateway.devkit.fake_onesignal import FakeOneSignal, LoggedRequest
+from gateway.devkit.kafka_cluster import KafkaCluster
 
 from .conftest import unique
 from .faults import (

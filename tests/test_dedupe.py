@@ -5,7 +5,7 @@ from collections import OrderedDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.dedupe import CONFLICT, DUPLICATE, NEW, SeenWindow
+from gateway.core.dedupe import CONFLICT, DUPLICATE, NEW, SeenWindow
 
 
 def test_an_id_is_seen_within_the_window_only() -> None:

@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import RECORD_HEADROOM_BYTES, ConfigError, SourceConfig, parse_config
-from gateway.event import NormalizationError, Received
-from gateway.normalize import JOURNEY_TEXT_KIND, normalize_for_source
-from gateway.parsing import BadRequest, TextBody, decode_body
-from gateway.records import build_dead_letter, build_record, decode_record, header, record_size
+from gateway.core.body import BadRequest, TextBody, decode_body
+from gateway.core.event import NormalizationError, Received
+from gateway.core.normalize import JOURNEY_TEXT_KIND, normalize_for_source
+from gateway.core.records import build_dead_letter, build_record, decode_record, header, record_size
 from gateway.tagsync.rules import compile_rules, derive
 
 ES = SourceConfig(name="es", path="/es", format="event-stream", require_secret=False)

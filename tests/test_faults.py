@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.kafka_cluster import KafkaCluster
+from gateway.devkit.kafka_cluster import KafkaCluster
 
 from .conftest import APACHE, Broker, unique
 from .faults import (

@@ -34,10 +34,10 @@ from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 from schemathesis.checks import not_a_server_error, status_code_conformance
 
-from gateway import samples
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.kinds import KNOWN_KINDS
-from gateway.openapi import openapi_document
+from gateway.core.kinds import KNOWN_KINDS
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.ingress.openapi import openapi_document
 
 from .conftest import KAFKA_API_VERSION, unique
 from .faults import Figures, Report
@@ -355,7 +355,7 @@ def test_no_body_from_an_authenticated_sender_is_refused_or_a_server_error(
 # schemathesis: cases generated from the app's own OpenAPI document
 
 
-# The document the running server serves is built from its config by gateway.openapi; it is
+# The document the running server serves is built from its config by gateway.ingress.openapi; it is
 # loaded here at import (schemathesis parametrizes at collection, before any server runs) and
 # test_served_openapi_is_the_fuzzed_one checks the server serves exactly this document.
 # (schemathesis.pytest.from_fixture, the lazy loader, fails under pytest 9: it reads

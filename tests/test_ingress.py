@@ -12,11 +12,11 @@ import orjson
 import pytest
 from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka_event
 
-from gateway import samples
 from gateway.config import Config
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.kinds import KNOWN_KINDS
-from gateway.records import header
+from gateway.core.kinds import KNOWN_KINDS
+from gateway.core.records import header
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import EmbeddedBroker
 
 from .conftest import read_topic, unique
 from .ingress_helpers import (

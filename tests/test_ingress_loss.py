@@ -16,11 +16,11 @@ import orjson
 import pytest
 from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka_event
 
-from gateway import app as app_module
-from gateway import samples
 from gateway.config import Config
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.records import header
+from gateway.core.records import header
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.ingress import app as app_module
 
 from .conftest import read_topic, unique
 from .ingress_helpers import EU_WEST4, SECRET, gateway_config, post, running_gateway

@@ -8,9 +8,9 @@ import uuid
 
 import httpx
 
-from gateway import samples
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.records import header
+from gateway.core.records import header
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import EmbeddedBroker
 
 from .conftest import read_topic, unique
 from .ingress_helpers import gateway_config, post, running_gateway
@@ -127,9 +127,9 @@ def test_unreachable_broker_at_start_is_not_ready_and_answers_503() -> None:
     # nothing listens on this port: the producer cannot be made, /readyz says so, posts get 503
     prefix = unique("nobroker")
     config = gateway_config("127.0.0.1:1", prefix, kafka={"ack_timeout_s": 1.0})
-    from gateway.app import create_app
+    from gateway.ingress.app import create_app
+    from gateway.ingress.server import ServerThread
     from gateway.metrics import IngressMetrics
-    from gateway.server import ServerThread
 
     app = create_app(config, metrics=IngressMetrics(process=False))
     with ServerThread(app, config).running() as server, httpx.Client(base_url=server.url) as client:

@@ -20,12 +20,12 @@ import orjson
 import pytest
 from starlette.types import ASGIApp
 
-from gateway import samples
-from gateway.app import _secret_ok, _SourceRoute, create_app
 from gateway.config import Config
+from gateway.core.records import KafkaRecord, header
+from gateway.devkit import samples
+from gateway.ingress.app import _secret_ok, _SourceRoute, create_app
+from gateway.kafka.sink import PublishResult, SinkBase, Unavailable
 from gateway.metrics import IngressMetrics
-from gateway.records import KafkaRecord, header
-from gateway.sink import PublishResult, SinkBase, Unavailable
 
 from .ingress_helpers import EU_WEST4, ROTATED, SECRET, gateway_config
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.kinds import EVENT_STREAM_KINDS, KNOWN_KINDS, canonical_kind, split_kind
+from gateway.core.kinds import EVENT_STREAM_KINDS, KNOWN_KINDS, canonical_kind, split_kind
 
 # Copied by hand from the Event Streams kind reference (onesignal-reference.md, 1.3).
 REFERENCE_TABLE = [

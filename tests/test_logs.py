@@ -9,8 +9,8 @@ import uuid
 import httpx
 import pytest
 
-from gateway import samples
-from gateway.embedded_broker import EmbeddedBroker
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import EmbeddedBroker
 from gateway.logs import JsonFormatter, register_secrets
 
 from .conftest import unique

@@ -13,12 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import normalize as normalize_module
-from gateway import samples
 from gateway.config import MAPPABLE_FIELDS
-from gateway.event import NormalizationError, NormalizedEvent, Received
-from gateway.kinds import EVENT_STREAM_KINDS
-from gateway.normalize import (
+from gateway.core import normalize as normalize_module
+from gateway.core.event import NormalizationError, NormalizedEvent, Received
+from gateway.core.kinds import EVENT_STREAM_KINDS
+from gateway.core.normalize import (
     _json_scalar,
     _liquid_fields,
     _liquid_fields_by_index,
@@ -28,6 +27,7 @@ from gateway.normalize import (
     content_id,
     normalize,
 )
+from gateway.devkit import samples
 
 # 1700000000 is 2023-11-14T22:13:20Z; 1708559115 is 2024-02-21T23:45:15Z.
 T_1700 = datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)

@@ -35,11 +35,11 @@ from prometheus_client.metrics import MetricWrapperBase
 import gateway.tagsync.metrics as tagsync_metrics
 from gateway import cli
 from gateway.config import CHANNELS, Config, ServerConfig, TagSyncConfig, load_config
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.fake_onesignal import FakeOneSignal
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.devkit.fake_onesignal import FakeOneSignal
+from gateway.ingress.allowlist import ONESIGNAL_PUBLISHED, fetch_cloud_json, load_snapshot
+from gateway.ingress.server import free_port
 from gateway.metrics import IngressMetrics
-from gateway.ranges import ONESIGNAL_PUBLISHED, fetch_cloud_json, load_snapshot
-from gateway.server import free_port
 
 from .conftest import APACHE, API_VERSION, KAFKA_API_VERSION, read_topic, unique
 from .ingress_helpers import EU_WEST4, SECRET, gateway_config, post, running_gateway

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.parsing import BadRequest, decode_body, json_depth
+from gateway.core.body import BadRequest, decode_body, json_depth
 
 
 def test_json_object_and_charset_variants() -> None:

@@ -1,6 +1,6 @@
 """The producer process (``kafka.producer = "process"``): records, lifetimes and failures.
 
-Against the real embedded broker; the child is the real ``python -m gateway.producer_process``.
+Against the real embedded broker; the child is the real ``python -m gateway.kafka.process``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from gateway.config import KafkaConfig
-from gateway.embedded_broker import EmbeddedBroker
+from gateway.core.records import KafkaRecord
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.kafka import Unavailable, create_sink
+from gateway.kafka.process import ProcessSink
+from gateway.kafka.thread import KafkaSink
 from gateway.metrics import IngressMetrics
-from gateway.producer_process import ProcessSink
-from gateway.records import KafkaRecord
-from gateway.sink import KafkaSink, Unavailable, create_sink
 
 from .conftest import API_VERSION, read_topic, unique
 from .faults import GatewayProcess, gateway_toml
@@ -232,7 +233,7 @@ def test_the_child_leaves_when_the_gateway_is_killed(
         children = child_pids(gw.process.pid)
         assert len(children) == 1, children
         (child,) = children
-        assert b"gateway.producer_process" in Path(f"/proc/{child}/cmdline").read_bytes()
+        assert b"gateway.kafka.process" in Path(f"/proc/{child}/cmdline").read_bytes()
         gw.signal(signal.SIGKILL)
         gw.wait(10)
         deadline = time.monotonic() + 15

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
+from gateway.core.records import KafkaRecord
+from gateway.kafka import SinkBase, Unavailable, create_sink
 from gateway.metrics import IngressMetrics
-from gateway.records import KafkaRecord
-from gateway.sink import SinkBase, Unavailable, create_sink
 
 from .conftest import Broker, unique
 from .test_producer_process import kafka_config, until

@@ -23,8 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import AllowlistConfig
-from gateway.metrics import IngressMetrics
-from gateway.ranges import (
+from gateway.ingress.allowlist import (
     MAX_BYTES,
     ONESIGNAL_PUBLISHED,
     STALE_AFTER_S,
@@ -41,6 +40,7 @@ from gateway.ranges import (
     parse_cloud_json,
     write_snapshot,
 )
+from gateway.metrics import IngressMetrics
 
 SYNC = "1700000000000"  # the fixture's syncToken
 BUNDLED_SYNC = "0"  # the bundled snapshot's, older than any of Google's
@@ -440,7 +440,7 @@ def test_refresh_counts_results_and_tracks_age_and_failing_time(server: tuple[st
 def test_log_if_stale_warns_about_old_data_only(caplog: pytest.LogCaptureFixture) -> None:
     allow = Allowlist.from_config(AllowlistConfig())  # the bundled data, April 10, 2024
     now = datetime(2024, 4, 10, tzinfo=UTC).timestamp()
-    with caplog.at_level(logging.WARNING, logger="gateway.ranges"):
+    with caplog.at_level(logging.WARNING, logger="gateway.ingress.allowlist"):
         assert not log_if_stale(allow, now + STALE_AFTER_S - 1, "hint")
         assert log_if_stale(allow, now + STALE_AFTER_S + 86400, "run the update")
         assert not log_if_stale(Allowlist(), now, "no data: no time, no warning")
@@ -517,7 +517,7 @@ def test_run_loop_survives_failures_and_stops(
         stop.set()
         await asyncio.wait_for(task, timeout=2)
 
-    with caplog.at_level(logging.INFO, logger="gateway.ranges"):
+    with caplog.at_level(logging.INFO, logger="gateway.ingress.allowlist"):
         asyncio.run(asyncio.wait_for(go(), timeout=10))
     assert allow.sync_token == SYNC
     assert any("HTTP 503" in r.getMessage() for r in caplog.records)

@@ -8,8 +8,8 @@ import orjson
 import pytest
 from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka_event
 
-from gateway.event import NormalizedEvent, Received
-from gateway.records import build_dead_letter, build_record, decode_record, header
+from gateway.core.event import NormalizedEvent, Received
+from gateway.core.records import build_dead_letter, build_record, decode_record, header
 
 RECEIVED = Received(
     source="event-stream", at=datetime(2026, 1, 2, 3, 4, 5, 600000, UTC), client_ip="34.90.1.2"
@@ -103,7 +103,7 @@ def test_dead_letter_keeps_the_bytes_and_says_why() -> None:
 def test_cached_partitioner_agrees_with_kafka_pythons_default() -> None:
     from kafka.partitioner.default import DefaultPartitioner
 
-    from gateway.sink import KeyHashCachePartitioner
+    from gateway.kafka.producer import KeyHashCachePartitioner
 
     class Cluster:
         def __init__(self, n: int) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway import samples
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.records import header
+from gateway.core.records import header
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import EmbeddedBroker
 
 from .conftest import read_topic, unique
 from .faults import GatewayProcess, gateway_toml

@@ -17,10 +17,10 @@ from collections.abc import Callable
 import pytest
 
 from gateway.config import KafkaConfig
-from gateway.embedded_broker import EmbeddedBroker
+from gateway.core.records import KafkaRecord
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.kafka import PublishResult, SinkBase, Unavailable, create_sink
 from gateway.metrics import IngressMetrics
-from gateway.records import KafkaRecord
-from gateway.sink import PublishResult, SinkBase, Unavailable, create_sink
 
 from .conftest import API_VERSION, unique
 

@@ -23,8 +23,8 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from gateway.config import Config, parse_config
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.fake_onesignal import FakeOneSignal, LoggedRequest
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.devkit.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.logs import JsonFormatter
 
 from .conftest import KAFKA_API_VERSION, unique

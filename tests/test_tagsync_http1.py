@@ -20,7 +20,7 @@ import pytest
 import trustme
 
 from gateway.config import Config, OneSignalApp, OneSignalConfig, Secret, TagSyncConfig
-from gateway.fake_onesignal import FakeOneSignal
+from gateway.devkit.fake_onesignal import FakeOneSignal
 from gateway.tagsync.client import MAX_BODY_KEPT, OneSignalClient, Response, UpdateSender
 from gateway.tagsync.http1 import Http1Client
 from gateway.tagsync.rules import Alias

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, TagRule, parse_config
-from gateway.event import NormalizedEvent, Received
+from gateway.core.event import NormalizedEvent, Received
 from gateway.tagsync.rules import (
     RESERVED_TAG_KEYS,
     compile_rules,

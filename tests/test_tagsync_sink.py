@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from gateway.config import Secret
-from gateway.fake_onesignal import FakeOneSignal
-from gateway.records import KafkaRecord
+from gateway.core.records import KafkaRecord
+from gateway.devkit.fake_onesignal import FakeOneSignal
 from gateway.tagsync.coalesce import SourceRef
 from gateway.tagsync.http1 import Http1Client
 from gateway.tagsync.rules import Alias

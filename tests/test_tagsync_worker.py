@@ -31,10 +31,10 @@ from onesignal.model.update_user_request import UpdateUserRequest
 from onesignal.model_utils import validate_and_convert_types
 
 from gateway.config import Config, parse_config
-from gateway.embedded_broker import EmbeddedBroker
-from gateway.event import NormalizedEvent, Received
-from gateway.fake_onesignal import FakeOneSignal, LoggedRequest
-from gateway.records import build_record, header
+from gateway.core.event import NormalizedEvent, Received
+from gateway.core.records import build_record, header
+from gateway.devkit.embedded_broker import EmbeddedBroker
+from gateway.devkit.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.tagsync import metrics as tagsync_metrics
 from gateway.tagsync.worker import CAUGHT_UP_SLACK, run_tag_sync
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway import cli, samples
-from gateway.app import create_app
+from gateway import cli
 from gateway.config import load_config
-from gateway.kafka_cluster import KafkaCluster
+from gateway.devkit import samples
+from gateway.devkit.kafka_cluster import KafkaCluster
+from gateway.ingress.app import create_app
+from gateway.ingress.server import ServerThread
+from gateway.kafka.topics import describe_topics, gateway_topics
 from gateway.metrics import IngressMetrics
-from gateway.server import ServerThread
-from gateway.topics import describe_topics, gateway_topics
 
 from .conftest import unique
 from .ingress_helpers import EU_WEST4, SECRET, post

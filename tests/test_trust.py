@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.trust import ClientIP, TrustedProxies, parse_ip, resolve_client_ip
+from gateway.core.trust import ClientIP, TrustedProxies, parse_ip, resolve_client_ip
 
 PROXIES = TrustedProxies(["10.0.0.0/8", "130.211.0.0/22", "fd00::/8", "::1/128"])
 

@@ -1,4 +1,4 @@
-"""The loopback OneSignal (:class:`gateway.fake_onesignal.FakeOneSignal`) in a process of its own.
+"""The loopback OneSignal (:class:`~gateway.devkit.fake_onesignal.FakeOneSignal`), own process.
 
 So the tag-sync worker and the server it calls do not share a GIL, as in production.
 ``python -m bench.apps.fake_onesignal_server --api-key-env VAR [--app-rate-limit N]`` prints
@@ -21,7 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.fake_onesignal import FakeOneSignal
+from gateway.devkit.fake_onesignal import FakeOneSignal
 
 
 def _stats(fake: FakeOneSignal, full: bool) -> dict[str, Any]:

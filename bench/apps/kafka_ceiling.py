@@ -21,12 +21,12 @@ from typing import Any
 import orjson
 from kafka import KafkaProducer
 
-from gateway import samples
 from gateway.config import load_config
-from gateway.event import Received
-from gateway.normalize import normalize
-from gateway.records import KafkaRecord, build_record
-from gateway.sink import producer_options
+from gateway.core.event import Received
+from gateway.core.normalize import normalize
+from gateway.core.records import KafkaRecord, build_record
+from gateway.devkit import samples
+from gateway.kafka.producer import producer_options
 
 TOPIC = "bench.ceiling.push"
 

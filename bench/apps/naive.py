@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.config import load_config
-from gateway.sink import producer_options
+from gateway.kafka.producer import producer_options
 
 TOPIC = "bench.naive.push"
 _config = load_config(os.environ["BENCH_CONFIG"])

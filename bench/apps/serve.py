@@ -1,7 +1,7 @@
 """Serve a benchmark app under exactly the uvicorn settings the gateway uses.
 
 ``python -m bench.apps.serve MODULE:ATTR --config FILE --port N``: the settings come from
-:func:`gateway.server.uvicorn_config` with the same config file as the gateway's run, so the
+:func:`gateway.ingress.server.uvicorn_config` with the same config file as the gateway's run, so the
 ceilings differ from the gateway only in the app.
 """
 
@@ -13,7 +13,7 @@ import importlib
 import uvicorn
 
 from gateway.config import load_config
-from gateway.server import uvicorn_config, uvicorn_options
+from gateway.ingress.server import uvicorn_config, uvicorn_options
 
 
 def main() -> None:

@@ -1,36 +1,18 @@
-"""``python -m gateway.tagsync --config FILE [--dry-run]``: run the tag-sync worker."""
+"""``python -m gateway.tagsync --config FILE [--dry-run]``: run the tag-sync worker.
+
+The same start-up as ``gateway tag-sync`` (gateway/startup.py): secrets registered with the
+log scrubber, the gateway's JSON log lines.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-from typing import Any
 
-import orjson
-
-from gateway.config import ConfigError, load_config
-
-from .worker import run_tag_sync
-
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the record's ``extra=`` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+from gateway.config import ConfigError
+from gateway.startup import start
+from gateway.tagsync.worker import run_tag_sync
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,18 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG"), help="TOML config")
     parser.add_argument("--dry-run", action="store_true", help="print the PATCHes, send nothing")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    logging.getLogger("kafka").setLevel(logging.WARNING)
     if not args.config:
         parser.error("--config FILE (or GATEWAY_CONFIG) is required")
     try:
-        config = load_config(args.config)
+        config = start(args.config, log_level=args.log_level)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,8 +25,7 @@ import httpx
 import orjson
 
 from gateway.config import Secret
-
-from .rules import Alias, TagValue
+from gateway.tagsync.rules import Alias, TagValue
 
 __all__ = [
     "DryRunSender",

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from .rules import Alias, TagValue
+from gateway.tagsync.rules import Alias, TagValue
 
 __all__ = ["AddResult", "Batch", "Coalescer", "OffsetTracker", "Order", "SourceRef"]
 

@@ -31,9 +31,8 @@ import httpx
 import orjson
 
 from gateway.config import Secret
-
-from .client import MAX_BODY_KEPT, USER_AGENT, Response, update_body
-from .rules import Alias, TagValue
+from gateway.tagsync.client import MAX_BODY_KEPT, USER_AGENT, Response, update_body
+from gateway.tagsync.rules import Alias, TagValue
 
 __all__ = ["Http1Client"]
 

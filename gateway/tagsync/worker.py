@@ -39,11 +39,10 @@ from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartitio
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 
 from gateway.config import Config, ConfigError, Secret, TagSyncConfig, read_api_key
+from gateway.core.records import KafkaRecord, decode_record
 from gateway.logs import register_secrets
-from gateway.records import KafkaRecord, decode_record
-
-from . import metrics as m
-from .client import (
+from gateway.tagsync import metrics as m
+from gateway.tagsync.client import (
     DryRunSender,
     OneSignalClient,
     Response,
@@ -52,9 +51,9 @@ from .client import (
     update_body,
     update_url,
 )
-from .coalesce import Batch, Coalescer, OffsetTracker, SourceRef
-from .http1 import Http1Client
-from .ratelimit import (
+from gateway.tagsync.coalesce import Batch, Coalescer, OffsetTracker, SourceRef
+from gateway.tagsync.http1 import Http1Client
+from gateway.tagsync.ratelimit import (
     AppLimiter,
     Outcome,
     Slot,
@@ -63,8 +62,16 @@ from .ratelimit import (
     classify,
     parse_retry_after,
 )
-from .rules import Alias, CompiledRule, TagValue, compile_rules, derive, event_order, resolve_alias
-from .turns import ReadTurns
+from gateway.tagsync.rules import (
+    Alias,
+    CompiledRule,
+    TagValue,
+    compile_rules,
+    derive,
+    event_order,
+    resolve_alias,
+)
+from gateway.tagsync.turns import ReadTurns
 
 __all__ = ["DeadLetterWriter", "TagSyncWorker", "run_tag_sync"]
 

@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 import orjson
 
-from . import samples
-from .embedded_broker import API_VERSION, EmbeddedBroker
-from .kinds import KNOWN_KINDS
-from .loadgen import LoadResult, run_load
-from .server import free_port
+from gateway.core.kinds import KNOWN_KINDS
+from gateway.devkit import samples
+from gateway.devkit.embedded_broker import API_VERSION, EmbeddedBroker
+from gateway.devkit.loadgen import LoadResult, run_load
+from gateway.ingress.server import free_port
 
 __all__ = ["run_demo"]
 
@@ -261,9 +261,9 @@ def _demo_tag_sync(bootstrap: str, events: int) -> None:
     """Run the tag-sync worker over the demo topics against a loopback OneSignal stand-in."""
     import threading
 
-    from .config import parse_config
-    from .fake_onesignal import FakeOneSignal
-    from .tagsync.worker import run_tag_sync
+    from gateway.config import parse_config
+    from gateway.devkit.fake_onesignal import FakeOneSignal
+    from gateway.tagsync.worker import run_tag_sync
 
     _h("Tag sync: derived tags PATCHed to a loopback server that plays OneSignal")
     key = "demo-key-" + uuid.uuid4().hex

@@ -40,16 +40,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import normalize, ranges, trust
-from .config import CHANNELS, Config, SourceConfig
-from .dedupe import CONFLICT, DUPLICATE, SeenWindow
-from .event import NormalizationError, NormalizedEvent, Received
-from .metrics import IngressMetrics
-from .openapi import openapi_document
-from .parsing import BadRequest, TextBody, decode_body
-from .records import KafkaRecord, build_dead_letter, build_record, record_size
-from .sink import PublishResult, SinkBase, Unavailable, create_sink
-from .topics import TopicWatcher
+from gateway.config import CHANNELS, Config, SourceConfig
+from gateway.core import normalize, trust
+from gateway.core.body import BadRequest, TextBody, decode_body
+from gateway.core.dedupe import CONFLICT, DUPLICATE, SeenWindow
+from gateway.core.event import NormalizationError, NormalizedEvent, Received
+from gateway.core.records import KafkaRecord, build_dead_letter, build_record, record_size
+from gateway.ingress import allowlist as ranges
+from gateway.ingress.openapi import openapi_document
+from gateway.kafka import PublishResult, SinkBase, Unavailable, create_sink
+from gateway.kafka.topics import TopicWatcher
+from gateway.metrics import IngressMetrics
 
 __all__ = ["Gateway", "create_app"]
 

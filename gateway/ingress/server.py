@@ -1,7 +1,7 @@
 """Running the ingress under uvicorn, with the settings a load-balanced webhook target needs.
 
 uvicorn's own proxy-header rewriting is off: the gateway resolves the client address itself
-(:mod:`gateway.trust`), so there is one implementation of that rule, not two that disagree.
+(:mod:`gateway.core.trust`), so there is one implementation of that rule, not two that disagree.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from .config import Config
+from gateway.config import Config
 
 __all__ = [
     "GatewayServer",
@@ -159,10 +159,10 @@ def worker_app() -> Any:
     """
     import os
 
-    from .app import create_app
-    from .cli import load_and_register
-    from .logs import configure_logging
+    from gateway.ingress.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.startup import start
 
-    cfg = load_and_register(os.environ["GATEWAY_CONFIG"])
+    cfg = start(os.environ["GATEWAY_CONFIG"])
     configure_logging(cfg.server.log_level)
     return create_app(cfg)

@@ -31,10 +31,10 @@ from typing import Any, Final
 
 import orjson
 
-from .config import SOURCE_FORMATS, SourceConfig
-from .event import NormalizationError, NormalizedEvent
-from .kinds import KNOWN_KINDS, canonical_kind, split_kind
-from .parsing import TextBody
+from gateway.config import SOURCE_FORMATS, SourceConfig
+from gateway.core.body import TextBody
+from gateway.core.event import NormalizationError, NormalizedEvent
+from gateway.core.kinds import KNOWN_KINDS, canonical_kind, split_kind
 
 __all__ = ["JOURNEY_TEXT_KIND", "content_id", "journey_text_event", "normalize"]
 

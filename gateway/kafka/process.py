@@ -5,7 +5,7 @@ took about a third of the interpreter's time under load, and that process is bou
 (one core) while the machine's other cores sat idle. Here the producer runs in a child
 process that talks to its server process over a socketpair, so HTTP and Kafka each get a
 core. The asyncio side (admission, the ack deadline, readiness) is :class:`SinkBase`, shared
-with the in-process :class:`~gateway.sink.KafkaSink`; the guarantees are the same: a publish
+with the in-process :class:`~gateway.kafka.sink.KafkaSink`; the guarantees are the same: a publish
 returns only after Kafka acknowledged the record, or raises and the request is answered 503.
 
 The wire between the two is length-prefixed frames; records and results are ``marshal``-ed
@@ -46,10 +46,11 @@ from typing import Any
 
 from kafka.errors import KafkaError
 
-from .config import KafkaConfig
-from .metrics import IngressMetrics
-from .records import KafkaRecord
-from .sink import ProducerOpener, PublishResult, SinkBase
+from gateway.config import KafkaConfig
+from gateway.core.records import KafkaRecord
+from gateway.kafka.producer import ProducerOpener
+from gateway.kafka.sink import PublishResult, SinkBase
+from gateway.metrics import IngressMetrics
 
 __all__ = ["ProcessSink", "main"]
 
@@ -65,7 +66,7 @@ _RESULTS = ord("A")  # marshal: [(id, partition, offset, None | "error text"), .
 _STATUS = ord("S")  # marshal: {"producer": bool, "topics": [...], "error": str | None}
 _CLOSED = ord("X")  # marshal: records the producer never completed
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds gateway/
 
 
 def _loads(payload: bytes) -> Any:
@@ -181,7 +182,7 @@ class ProcessSink(SinkBase):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(  # the same interpreter, our own module
-                [sys.executable, "-m", "gateway.producer_process", str(theirs.fileno())],
+                [sys.executable, "-m", "gateway.kafka.process", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -471,9 +472,7 @@ class _Child:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or not args[0].isdigit():
-        print(
-            "usage: python -m gateway.producer_process FD (started by the gateway)", file=sys.stderr
-        )
+        print("usage: python -m gateway.kafka.process FD (started by the gateway)", file=sys.stderr)
         return 2
     # the server process decides when this one stops (see the module docstring)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -484,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if frame is None or frame[0] != _INIT:
         return 2
     init = pickle.loads(frame[1])  # noqa: S301 - from our own parent over a private socketpair
-    from .logs import configure_logging, register_secrets
+    from gateway.logs import configure_logging, register_secrets
 
     configure_logging(init["log_level"])
     cfg: KafkaConfig = init["kafka"]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .config import CHANNELS, Config, KafkaConfig, TopicsConfig
+from gateway.config import CHANNELS, Config, KafkaConfig, TopicsConfig
 
 __all__ = [
     "TopicStatus",
@@ -33,7 +33,7 @@ __all__ = [
     "gateway_topics",
 ]
 
-log = logging.getLogger("gateway.topics")
+log = logging.getLogger("gateway.kafka.topics")
 
 
 def gateway_topics(cfg: Config, *, tag_sync: bool = True) -> list[str]:

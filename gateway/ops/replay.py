@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from . import normalize
-from .checks import bootstrap_reachable
-from .config import Config, SourceConfig
-from .event import NormalizationError, Received
-from .parsing import BadRequest, decode_body
-from .records import KafkaRecord, build_dead_letter, build_record, header
+from gateway.config import Config, SourceConfig
+from gateway.core import normalize
+from gateway.core.body import BadRequest, decode_body
+from gateway.core.event import NormalizationError, Received
+from gateway.core.records import KafkaRecord, build_dead_letter, build_record, header
+from gateway.ops.check_config import bootstrap_reachable
 
 __all__ = [
     "ProgressBar",
@@ -259,7 +259,7 @@ def run_replay(
     from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
 
-    from .sink import producer_options
+    from gateway.kafka.producer import producer_options
 
     dlt = topic or cfg.kafka.dead_letter_topic
     group_id = None if from_beginning else (group or f"{dlt}.replay")

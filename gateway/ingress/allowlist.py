@@ -50,8 +50,8 @@ import netaddr
 import orjson
 
 from gateway.config import AllowlistConfig
+from gateway.core.trust import parse_ip
 from gateway.metrics import IngressMetrics
-from gateway.trust import parse_ip
 
 __all__ = [
     "BUNDLED_SNAPSHOT",
@@ -277,7 +277,7 @@ def _read_bundled() -> bytes:
         # An editable install made before gateway/__init__.py existed maps "gateway" as a
         # namespace package, which importlib.resources (3.11) cannot read; the file is still
         # next to this module.
-        return Path(__file__).with_name("data").joinpath(Path(BUNDLED_SNAPSHOT).name).read_bytes()
+        return Path(__file__).parents[1].joinpath(BUNDLED_SNAPSHOT).read_bytes()
 
 
 def load_snapshot(path: str | None, scopes: Iterable[str]) -> RangeSnapshot:
@@ -434,7 +434,7 @@ class Allowlist:
         self._state = _State.build(ipset, snapshot)
 
     def contains(self, ip: str) -> bool:
-        """Whether ``ip`` (text, as from :class:`gateway.trust.ClientIP`) is an allowed sender."""
+        """Whether ``ip`` (text, as from :class:`~gateway.core.trust.ClientIP`) may send."""
         state = self._state  # one read: the whole lookup sees one version
         known = state.answers.get(ip)
         if known is not None:

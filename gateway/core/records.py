@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from .event import NormalizedEvent, Received, rfc3339
+from gateway.core.event import NormalizedEvent, Received, rfc3339
 
 __all__ = [
     "KafkaRecord",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .config import CHANNELS
+from gateway.config import CHANNELS
 
 __all__ = ["EVENT_STREAM_KINDS", "KNOWN_KINDS", "canonical_kind", "split_kind"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config, SourceConfig
+from gateway.config import Config, SourceConfig
 
 __all__ = ["openapi_document"]
 
@@ -89,7 +89,7 @@ def _operation(source: SourceConfig) -> dict[str, Any]:
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
-    from . import __version__
+    from gateway import __version__
 
     paths: dict[str, Any] = {}
     schemes: dict[str, Any] = {}

@@ -9,9 +9,9 @@ from typing import TextIO
 
 import httpx
 
-from . import ranges
-from .config import Config
-from .topics import TopicStatus, describe_topics, durability_warnings, gateway_topics
+from gateway.config import Config
+from gateway.ingress import allowlist as ranges
+from gateway.kafka.topics import TopicStatus, describe_topics, durability_warnings, gateway_topics
 
 __all__ = ["check_config"]
 

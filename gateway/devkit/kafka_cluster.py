@@ -11,8 +11,8 @@ power loss.
 Never a production path. Needs Java 17+ and Maven; :func:`available` says whether this machine
 has them (the tests fall back to the embedded mock where it has not).
 
-    python -m gateway.kafka_cluster provision            # resolve the jars (once)
-    python -m gateway.kafka_cluster run --nodes 3        # a cluster until Ctrl-C
+    python -m gateway.devkit.kafka_cluster provision            # resolve the jars (once)
+    python -m gateway.devkit.kafka_cluster run --nodes 3        # a cluster until Ctrl-C
 """
 
 from __future__ import annotations
@@ -559,7 +559,7 @@ class KafkaCluster:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.kafka_cluster")
+    parser = argparse.ArgumentParser(prog="python -m gateway.devkit.kafka_cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("provision", help="resolve Kafka's jars from Maven Central into the cache")
     p.add_argument("--version", help=f"default: ${VERSION_ENV}, else {DEFAULT_VERSION}")

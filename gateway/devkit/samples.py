@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from .kinds import split_kind
+from gateway.core.kinds import split_kind
 
 __all__ = [
     "DEMO_APP_ID",

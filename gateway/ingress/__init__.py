@@ -1,0 +1,1 @@
+"""The HTTP source: the ASGI app and its routes, the sender allowlist, the uvicorn server."""

@@ -1,0 +1,1 @@
+"""Operator commands that are not a pipeline: check-config and replay."""
