@@ -320,7 +320,7 @@ def _producer_child(pid: int) -> int:
         for c in (task / "children").read_text().split()
     ]
     (child,) = [
-        c for c in children if b"producer_process" in Path(f"/proc/{c}/cmdline").read_bytes()
+        c for c in children if b"gateway.kafka.process" in Path(f"/proc/{c}/cmdline").read_bytes()
     ]
     return child
 
