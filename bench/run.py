@@ -21,6 +21,11 @@ side by side in one run are what to read. Also: ``soak`` (RSS over time at half 
 rate), ``tagsync`` (the worker's events/s against a loopback OneSignal) and ``allowlist``
 (lookup cost with 17 vs 1,000+ ranges). ``--profile`` records a py-spy profile of our gateway
 under load and prints where its time goes.
+
+This module parses the flags and runs the rows. Each measurement lives in its own module:
+``ingress`` (bare, naive, ours), ``ceilings`` (kafka, java), ``soak``, ``tagsync``,
+``allowlist`` and ``profiling``; ``common`` holds the child processes, RSS polling and wrk, and
+``report`` prints the table and judges the targets.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,7 @@ from bench.allowlist import allowlist
 from bench.ceilings import java_ceiling, kafka_ceiling
 from bench.common import Load, load_average
 from bench.ingress import load_server, write_config
-from bench.report import report
+from bench.report import Check, report
 from bench.soak import soak
 from bench.tagsync import tagsync
 from gateway.config import KafkaConfig
@@ -51,11 +56,12 @@ from gateway.devkit.kafka_cluster import DEFAULT_VERSION, KafkaCluster
 
 TARGETS = ("bare", "kafka", "java", "naive", "ours", "soak", "tagsync", "allowlist")
 APACHE_ONLY = {"java"}
+NEEDS_BROKER = {"bare", "kafka", "java", "naive", "ours", "soak", "tagsync"}
 # one real node, full JIT (the tests' C1-only start is quicker, not faster), a larger heap
 APACHE_HEAP_MB = 1024
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument(
         "--kafka",
@@ -116,7 +122,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--allowlist-lookups", type=int, default=50_000)
     p.add_argument("--allowlist-rounds", type=int, default=11)
-    args = p.parse_args(argv)
+    return p
+
+
+def _select_targets(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The rows to run, in TARGETS' order: ``--only``'s, or all but the soak unless asked."""
     only = {t.strip() for t in args.only.split(",") if t.strip()}
     unknown = only - set(TARGETS)
     if unknown:
@@ -124,27 +134,103 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.kafka == "mock" and only & APACHE_ONLY:
         p.error(f"--only {','.join(sorted(only & APACHE_ONLY))} needs --kafka apache")
     skipped = set() if args.kafka == "apache" else APACHE_ONLY
-    args.targets = [
+    targets = [
         t
         for t in TARGETS
         if t not in skipped and (t in only if only else t != "soak" or args.soak > 0)
     ]
+    if "soak" in targets:
+        args.soak = args.soak if args.soak > 0 else 300.0
+        if "ours" not in targets:  # the soak's rate is half of ours' measured maximum
+            targets.insert(targets.index("soak"), "ours")
+    if shutil.which("wrk") is None and set(targets) & {"bare", "naive", "ours", "soak"}:
+        p.error("wrk is not installed (Debian: apt-get install wrk)")
+    return targets
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    args.targets = _select_targets(p, args)
     # kafka-python negotiates with Apache Kafka; the mock cannot decode newer ApiVersions
     args.api_version = "" if args.kafka == "apache" else API_VERSION
-    if "soak" in args.targets:
-        args.soak = args.soak if args.soak > 0 else 300.0
-        if "ours" not in args.targets:  # the soak's rate is half of ours' measured maximum
-            args.targets.insert(args.targets.index("soak"), "ours")
-    if shutil.which("wrk") is None and set(args.targets) & {"bare", "naive", "ours", "soak"}:
-        p.error("wrk is not installed (Debian: apt-get install wrk)")
     return args
+
+
+def start_broker(
+    args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
+) -> tuple[str, KafkaCluster | None]:
+    """The run's broker, stopped with ``stack``: its bootstrap servers, and the Apache node."""
+    if not set(args.targets) & NEEDS_BROKER:
+        return "", None
+    if args.kafka == "mock":
+        return stack.enter_context(EmbeddedBroker()).bootstrap_servers, None
+    print(f"-- starting Apache Kafka {args.kafka_version} (1 node, full JIT)", flush=True)
+    cluster = stack.enter_context(
+        KafkaCluster(
+            nodes=1,
+            version=args.kafka_version,
+            quick_jit=False,
+            heap_mb=APACHE_HEAP_MB,
+            base_dir=workdir / "kafka",
+        )
+    )
+    return cluster.bootstrap_servers, cluster
+
+
+@dataclass
+class Run:
+    """What every row needs: the flags, the work folder, the broker and the gateway's config."""
+
+    args: argparse.Namespace
+    workdir: Path
+    load: Load
+    config: Path
+    bootstrap: str
+    cluster: KafkaCluster | None
+
+
+def run_target(target: str, run: Run, results: dict[str, Any]) -> None:
+    """Measures one row into ``results``."""
+    args, config, workdir = run.args, run.config, run.workdir
+    if target in ("bare", "naive", "ours"):
+        r = load_server(target, config, workdir, run.load, args)
+        results["loads"][target] = r
+        print(f"   {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms", flush=True)
+    elif target in ("kafka", "java"):
+        if target == "kafka":
+            r = kafka_ceiling(config, args)
+        else:
+            assert run.cluster is not None
+            r = java_ceiling(run.cluster, config, workdir, args)
+        results["loads"][target] = r
+        print(f"   {r.rps:.0f} records/s", flush=True)
+    elif target == "soak":
+        ours = results["loads"].get("ours")
+        if ours is None:
+            raise RuntimeError("soak needs the 'ours' run for its maximum rate")
+        results["soak"] = soak(config, workdir, run.load, args, ours.rps)
+    elif target == "tagsync":
+        results["tagsync"] = tagsync(run.bootstrap, workdir, args)
+    elif target == "allowlist":
+        results["allowlist"] = allowlist(args)
+
+
+def write_json(path: Path, results: dict[str, Any], checks: list[Check]) -> None:
+    out = dict(
+        results,
+        loads={k: asdict(v) for k, v in results["loads"].items()},
+        checks=[{"check": c, "pass": ok} for c, ok in checks],
+    )
+    path.write_bytes(
+        orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY, default=str)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     results: dict[str, Any] = {"loads": {}, "started": datetime.now(UTC).isoformat()}
     results["load"] = load_average()
-    needs_broker = set(args.targets) & {"bare", "kafka", "java", "naive", "ours", "soak", "tagsync"}
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, contextlib.ExitStack() as st:
         workdir = Path(tmp)
         load = Load(workdir)
@@ -152,65 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["kafka"] = (
             "embedded mock" if args.kafka == "mock" else f"Apache Kafka {args.kafka_version}"
         )
-        bootstrap = ""
-        cluster: KafkaCluster | None = None
-        if needs_broker and args.kafka == "apache":
-            print(f"-- starting Apache Kafka {args.kafka_version} (1 node, full JIT)", flush=True)
-            cluster = st.enter_context(
-                KafkaCluster(
-                    nodes=1,
-                    version=args.kafka_version,
-                    quick_jit=False,
-                    heap_mb=APACHE_HEAP_MB,
-                    base_dir=workdir / "kafka",
-                )
-            )
-            bootstrap = cluster.bootstrap_servers
-        elif needs_broker:
-            broker = st.enter_context(EmbeddedBroker())
-            bootstrap = broker.bootstrap_servers
+        bootstrap, cluster = start_broker(args, workdir, st)
         config = write_config(workdir, bootstrap or "127.0.0.1:9", args.workers, args.api_version)
+        run = Run(args, workdir, load, config, bootstrap, cluster)
         for target in args.targets:
             print(f"-- {target}", flush=True)
             try:
-                if target in ("bare", "naive", "ours"):
-                    r = load_server(target, config, workdir, load, args)
-                    results["loads"][target] = r
-                    print(
-                        f"   {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms",
-                        flush=True,
-                    )
-                elif target == "kafka":
-                    r = kafka_ceiling(config, args)
-                    results["loads"]["kafka"] = r
-                    print(f"   {r.rps:.0f} records/s", flush=True)
-                elif target == "java":
-                    assert cluster is not None
-                    r = java_ceiling(cluster, config, workdir, args)
-                    results["loads"]["java"] = r
-                    print(f"   {r.rps:.0f} records/s", flush=True)
-                elif target == "soak":
-                    ours = results["loads"].get("ours")
-                    if ours is None:
-                        raise RuntimeError("soak needs the 'ours' run for its maximum rate")
-                    results["soak"] = soak(config, workdir, load, args, ours.rps)
-                elif target == "tagsync":
-                    results["tagsync"] = tagsync(bootstrap, workdir, args)
-                elif target == "allowlist":
-                    results["allowlist"] = allowlist(args)
+                run_target(target, run, results)
             except Exception as exc:  # one broken target must not lose the others' figures
                 print(f"   {target} failed: {exc}", flush=True)
                 results.setdefault("errors", {})[target] = str(exc)
         checks = report(results, args)
     if args.json:
-        out = dict(
-            results,
-            loads={k: asdict(v) for k, v in results["loads"].items()},
-            checks=[{"check": c, "pass": ok} for c, ok in checks],
-        )
-        args.json.write_bytes(
-            orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY, default=str)
-        )
+        write_json(args.json, results, checks)
     failed = any(ok is False for _, ok in checks) or "errors" in results
     return 1 if failed else 0
 
