@@ -127,8 +127,8 @@ def produce_backlog(backlog: Backlog, kafka_opts: dict[str, Any], batch_size: in
 
     Batched as the gateway's own producer batches (kafka.batch_size): the mock cluster answers
     a fetch with one record batch per partition, so the batch size sets how much a fetch
-    returns; kafka-python's 16 KiB default (6 of these records) made every read a round trip
-    per 6 records, which no backlog the gateway wrote would show, nor a real broker.
+    returns. With kafka-python's 16 KiB default (6 of these records) every read would be a
+    round trip per 6 records, which no backlog the gateway wrote would show, nor a real broker.
     """
     from kafka import KafkaProducer
 
