@@ -58,7 +58,7 @@ def summarize(raw: Path, top: int = 20) -> dict[str, Any]:
         while procs < len(frames) - 1 and frames[procs].startswith("process "):
             procs += 1  # --subprocesses: a child's stack starts with its parents' labels
         if procs:
-            owner = "producer process" if "producer_process" in frames[procs - 1] else "gateway"
+            owner = "producer process" if "kafka/process" in frames[procs - 1] else "gateway"
             frames = [f"{owner}: {frames[procs]}", *frames[procs + 1 :]]
         thread, frames = frames[0], [_LINE_NO.sub(")", f) for f in frames[1:]]
         total += count
