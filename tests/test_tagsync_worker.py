@@ -36,7 +36,8 @@ from gateway.core.records import build_record, header
 from gateway.devkit.embedded_broker import EmbeddedBroker
 from gateway.devkit.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.tagsync import metrics as tagsync_metrics
-from gateway.tagsync.worker import CAUGHT_UP_SLACK, run_tag_sync
+from gateway.tagsync.hold import CAUGHT_UP_SLACK
+from gateway.tagsync.worker import run_tag_sync
 
 from .conftest import APACHE, API_VERSION, KAFKA_API_VERSION, read_topic, unique
 

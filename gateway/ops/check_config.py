@@ -12,6 +12,7 @@ import httpx
 from gateway.config import Config
 from gateway.ingress import allowlist as ranges
 from gateway.kafka.topics import TopicStatus, describe_topics, durability_warnings, gateway_topics
+from gateway.tagsync.rules import compile_rules
 
 __all__ = ["check_config"]
 
@@ -104,6 +105,12 @@ def _check_topics(cfg: Config, out: TextIO, timeout_s: float = 15.0) -> int:
 
 
 def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
+    """Print one line per check; 0 when all passed, 1 otherwise.
+
+    Raises :class:`ConfigError` for tag rules the worker would refuse: loading the file does
+    not compile them, and a config whose rules fail is as invalid as one that fails to load.
+    """
+    compile_rules(cfg.tag_sync.rules)  # what TagSyncWorker does at start-up
     problems = 0
     print(f"config: {cfg.path} is valid", file=out)
     print(

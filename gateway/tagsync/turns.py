@@ -1,9 +1,9 @@
 """Which partitions to read now, behind a backlog: a few at a time, in turns.
 
 A user's merged update is final only once its partition is read past the user's last event;
-until then the sink holds it (``Sink._hold``), so one request carries all of it. Read every
-partition side by side and each of them ends together at the very end of the backlog: no
-user is final, and nothing is sent, until all of it is read. Read ``limit`` partitions at a
+until then the delivery side holds it (:mod:`.hold`), so one request carries all of it. Read
+every partition side by side and each of them ends together at the very end of the backlog:
+no user is final, and nothing is sent, until all of it is read. Read ``limit`` partitions at a
 time and their users are final, and sent within the app's rate, while the next are read.
 
 A pure state machine: the source passes in what it knows (the assignment, how far it read

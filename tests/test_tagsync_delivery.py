@@ -1,8 +1,8 @@
-"""The sink's merge timing behind a backlog, against the fake OneSignal on loopback.
+"""The delivery side's merge timing behind a backlog, against the fake OneSignal on loopback.
 
-The source tells the sink how far each partition is read; a due user whose partition is still
-being read waits (up to ``MAX_HOLD_WINDOWS`` windows) so its later events fold into the same
-request. What is asserted is what reached the server, and when.
+The source tells the delivery side how far each partition is read; a due user whose
+partition is still being read waits (up to ``MAX_HOLD_WINDOWS`` windows) so its later events
+fold into the same request. What is asserted is what reached the server, and when.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from gateway.config import Secret
 from gateway.core.records import KafkaRecord
 from gateway.devkit.fake_onesignal import FakeOneSignal
 from gateway.tagsync.coalesce import SourceRef
+from gateway.tagsync.deadletters import DeadLetterWriter
+from gateway.tagsync.delivery import Delivery
+from gateway.tagsync.hold import MAX_HOLD_WINDOWS
 from gateway.tagsync.http1 import Http1Client
 from gateway.tagsync.rules import Alias
-from gateway.tagsync.worker import MAX_HOLD_WINDOWS, DeadLetterWriter, Sink, SinkSettings
+from gateway.tagsync.settings import DeliverySettings
 
 KEY = "sink-test-key"
 APP = "11111111-2222-3333-4444-555555555555"
@@ -39,8 +42,8 @@ def fake() -> Iterator[FakeOneSignal]:
         yield f
 
 
-def settings_for(fake: FakeOneSignal) -> SinkSettings:
-    return SinkSettings(
+def settings_for(fake: FakeOneSignal) -> DeliverySettings:
+    return DeliverySettings(
         flush_interval_s=FLUSH_S,
         max_keys=100,
         per_user_interval_s=1.0,
@@ -56,11 +59,11 @@ def settings_for(fake: FakeOneSignal) -> SinkSettings:
     )
 
 
-def start_sink(
+def start_delivery(
     fake: FakeOneSignal, dead_letters: DeadLetterWriter
-) -> tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]:
+) -> tuple[Delivery, queue.SimpleQueue[Sequence[SourceRef]]]:
     done: queue.SimpleQueue[Sequence[SourceRef]] = queue.SimpleQueue()
-    s = Sink(
+    s = Delivery(
         settings_for(fake), lambda: Http1Client(fake.url, {APP: Secret(KEY)}), dead_letters, done
     )
     s.start()
@@ -68,8 +71,10 @@ def start_sink(
 
 
 @pytest.fixture
-def sink(fake: FakeOneSignal) -> Iterator[tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]]:
-    s, done = start_sink(fake, NoDeadLetters())
+def delivery(
+    fake: FakeOneSignal,
+) -> Iterator[tuple[Delivery, queue.SimpleQueue[Sequence[SourceRef]]]]:
+    s, done = start_delivery(fake, NoDeadLetters())
     yield s, done
     s.close(2.0)
 
@@ -78,19 +83,19 @@ def user(n: int) -> Alias:
     return Alias(APP, "external_id", f"user-{n}")
 
 
-def event(s: Sink, n: int, offset: int, tags: dict[str, str | None]) -> None:
+def event(s: Delivery, n: int, offset: int, tags: dict[str, str | None]) -> None:
     s.submit(user(n), tags, (float(offset), offset), SourceRef(*TP, offset))
 
 
-def held(s: Sink, alias: Alias, timeout_s: float = 5.0) -> bool:
-    """Wait until the sink decided to hold ``alias`` (its window closed, it was not sent).
+def held(s: Delivery, alias: Alias, timeout_s: float = 5.0) -> bool:
+    """Wait until the delivery side decided to hold ``alias`` (its window closed, it was not sent).
 
-    Reads the sink's own state (the loop thread replaces nothing here, it appends): the
-    condition that proves the window passed on the sink's clock, where a sleep would not.
+    Reads the delivery side's own state (the loop thread replaces nothing here, it appends): the
+    condition that proves the window passed on its clock, where a sleep would not.
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(a == alias for queue_ in list(s._held.values()) for _, _, a in list(queue_)):
+        if s.holding(alias):
             return True
         time.sleep(0.01)
     return False
@@ -101,9 +106,9 @@ def sent_for(fake: FakeOneSignal, n: int) -> list[dict[str, str]]:
 
 
 def test_a_user_waits_for_its_partition_to_be_read_then_sends_once(
-    fake: FakeOneSignal, sink: tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]
+    fake: FakeOneSignal, delivery: tuple[Delivery, queue.SimpleQueue[Sequence[SourceRef]]]
 ) -> None:
-    s, done = sink
+    s, done = delivery
     s.report_progress({TP: (1, 5000)}, paused=False)  # 4,999 records still unread
     event(s, 1, 0, {"a": "1", "b": "1"})
     assert held(s, user(1))  # its window closed, but more may be coming: held, not sent
@@ -116,9 +121,9 @@ def test_a_user_waits_for_its_partition_to_be_read_then_sends_once(
 
 
 def test_caught_up_partitions_send_after_one_window(
-    fake: FakeOneSignal, sink: tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]
+    fake: FakeOneSignal, delivery: tuple[Delivery, queue.SimpleQueue[Sequence[SourceRef]]]
 ) -> None:
-    s, _ = sink
+    s, _ = delivery
     s.report_progress({TP: (100, 104)}, paused=False)  # a few records behind: live traffic
     started = time.monotonic()
     event(s, 2, 99, {"a": "1"})
@@ -127,9 +132,9 @@ def test_caught_up_partitions_send_after_one_window(
 
 
 def test_a_partition_never_read_to_the_end_holds_at_most_the_maximum(
-    fake: FakeOneSignal, sink: tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]
+    fake: FakeOneSignal, delivery: tuple[Delivery, queue.SimpleQueue[Sequence[SourceRef]]]
 ) -> None:
-    s, _ = sink
+    s, _ = delivery
     s.report_progress({TP: (1, 10**6)}, paused=False)
     started = time.monotonic()
     event(s, 3, 0, {"a": "1"})
@@ -139,10 +144,10 @@ def test_a_partition_never_read_to_the_end_holds_at_most_the_maximum(
 
 
 def test_a_paused_source_releases_everyone_held(
-    fake: FakeOneSignal, sink: tuple[Sink, queue.SimpleQueue[Sequence[SourceRef]]]
+    fake: FakeOneSignal, delivery: tuple[Delivery, queue.SimpleQueue[Sequence[SourceRef]]]
 ) -> None:
     """Held events count towards the pause; holding them while paused would stall both."""
-    s, _ = sink
+    s, _ = delivery
     s.report_progress({TP: (1, 10**6)}, paused=False)
     event(s, 4, 0, {"a": "1"})
     event(s, 5, 1, {"a": "1"})
@@ -160,7 +165,7 @@ class HeldDeadLetters:
     it, then succeeds.
 
     ``calls`` counts the writes that began, so a test waits for the write to be under way
-    (the condition that the sink had its chance to report the offset too early).
+    (the condition that the delivery side had its chance to report the offset too early).
     """
 
     def __init__(self, failures: int = 0) -> None:
@@ -190,7 +195,7 @@ def no_report(done: queue.SimpleQueue[Sequence[SourceRef]]) -> bool:
     return done.empty()
 
 
-Trigger = Callable[[Sink], None]
+Trigger = Callable[[Delivery], None]
 
 
 def permanent_failure(fake: FakeOneSignal) -> Trigger:
@@ -208,7 +213,7 @@ def test_a_dead_letter_being_written_keeps_its_offset_undone(
     fake: FakeOneSignal, trigger: Callable[[FakeOneSignal], Trigger]
 ) -> None:
     writer = HeldDeadLetters()
-    s, done = start_sink(fake, writer)
+    s, done = start_delivery(fake, writer)
     try:
         trigger(fake)(s)
         writer.wait_calls(1)  # the dead letter is being written, and is not acknowledged
@@ -226,7 +231,7 @@ def test_a_failed_dead_letter_write_is_retried_and_the_offset_waits_for_it(
     fake: FakeOneSignal, trigger: Callable[[FakeOneSignal], Trigger]
 ) -> None:
     writer = HeldDeadLetters(failures=2)
-    s, done = start_sink(fake, writer)
+    s, done = start_delivery(fake, writer)
     try:
         trigger(fake)(s)
         writer.wait_calls(3)  # two writes failed; the third is under way
