@@ -27,16 +27,34 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
-from gateway.config import SOURCE_FORMATS, SourceConfig
 from gateway.core.body import TextBody
 from gateway.core.event import NormalizationError, NormalizedEvent
-from gateway.core.kinds import KNOWN_KINDS, canonical_kind, split_kind
+from gateway.core.kinds import KNOWN_KINDS, SOURCE_FORMATS, canonical_kind, split_kind
 
-__all__ = ["JOURNEY_TEXT_KIND", "content_id", "journey_text_event", "normalize"]
+__all__ = [
+    "JOURNEY_TEXT_KIND",
+    "SourceShape",
+    "content_id",
+    "journey_text_event",
+    "normalize",
+    "normalize_for_source",
+]
+
+
+class SourceShape(Protocol):
+    """What normalizing needs to know of a source: the config's source and core's view fit."""
+
+    @property
+    def format(self) -> str: ...
+    @property
+    def app_id(self) -> str: ...
+    @property
+    def mapping(self) -> Mapping[str, str]: ...
+
 
 # A Journey webhook step with a plain-text body: an event of its own (there is nothing to read
 # a kind from), on the journey channel like ``journey.webhook``.
@@ -954,7 +972,7 @@ def journey_text_event(
 
 def normalize_for_source(
     payload: Any,
-    source: SourceConfig,
+    source: SourceShape,
     *,
     unknown_kinds: str,
     fresh_id: Callable[[], str],
