@@ -23,7 +23,8 @@ from starlette.types import ASGIApp
 from gateway.config import Config
 from gateway.core.records import KafkaRecord, header
 from gateway.devkit import samples
-from gateway.ingress.app import _secret_ok, _SourceRoute, create_app
+from gateway.ingress.app import create_app
+from gateway.ingress.checks import SharedSecret, secret_ok
 from gateway.kafka.sink import PublishResult, SinkBase, Unavailable
 from gateway.metrics import IngressMetrics
 
@@ -110,7 +111,7 @@ def make(**kafka: Any) -> tuple[Config, MemorySink, BodyRead]:
 
 
 def sink_metrics(app: BodyRead) -> IngressMetrics:
-    return app.app.routes[ES].gw.metrics  # type: ignore[attr-defined, no-any-return]
+    return app.app.routes[ES].state.metrics  # type: ignore[attr-defined, no-any-return]
 
 
 def conflicts(metrics: IngressMetrics) -> float:
@@ -283,7 +284,7 @@ def test_the_secret_check_compares_every_candidate_with_every_secret(
     value: str, expect: bool
 ) -> None:
     compare = Counting()
-    assert _secret_ok([value.encode()], SECRETS, compare) is expect
+    assert secret_ok([value.encode()], SECRETS, compare) is expect
     raw = value.encode()
     candidates = [raw] + ([raw[7:]] if raw[:7].lower() == b"bearer " else [])
     # no early exit: every pair, in order, whichever matched (and however many)
@@ -292,13 +293,13 @@ def test_the_secret_check_compares_every_candidate_with_every_secret(
 
 def test_the_secret_check_refuses_a_missing_or_repeated_header_without_comparing() -> None:
     compare = Counting()
-    assert _secret_ok([], SECRETS, compare) is False
-    assert _secret_ok([SECRET.encode(), SECRET.encode()], SECRETS, compare) is False
+    assert secret_ok([], SECRETS, compare) is False
+    assert secret_ok([SECRET.encode(), SECRET.encode()], SECRETS, compare) is False
     assert compare.pairs == []
 
 
 def test_the_route_compares_secrets_in_constant_time() -> None:
-    assert _SourceRoute.compare_secret is hmac.compare_digest
+    assert SharedSecret.compare is hmac.compare_digest
 
 
 def test_the_route_compares_every_pair_for_every_request() -> None:
@@ -309,7 +310,7 @@ def test_the_route_compares_every_pair_for_every_request() -> None:
     async def scenario() -> None:
         _, sink, app = make()
         route = app.app.routes[ES]  # type: ignore[attr-defined]
-        route.compare_secret = compare
+        route.secret.compare = compare
         async with client(app) as c:
             ok = await c.post(ES, content=body(str(uuid.uuid4())), headers=HEADERS)
             bad = await c.post(
