@@ -40,8 +40,9 @@ __all__ = [
     "read_api_key",
 ]
 
-SOURCE_FORMATS = ("event-stream", "journey", "web-push")
-CHANNELS = ("push", "email", "sms", "iam", "live_activity")
+from gateway.core.kinds import CHANNELS as CHANNELS
+from gateway.core.kinds import SOURCE_FORMATS as SOURCE_FORMATS
+
 # Canonical field names a source's `mapping` may point at with a JSON Pointer.
 MAPPABLE_FIELDS = (
     "id",

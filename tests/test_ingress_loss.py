@@ -17,10 +17,10 @@ import pytest
 from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka_event
 
 from gateway.config import Config
+from gateway.core import ingest as ingest_module
 from gateway.core.records import header
 from gateway.devkit import samples
 from gateway.devkit.embedded_broker import EmbeddedBroker
-from gateway.ingress import app as app_module
 
 from .conftest import read_topic, unique
 from .ingress_helpers import EU_WEST4, SECRET, gateway_config, post, running_gateway
@@ -302,7 +302,7 @@ def test_a_failure_inside_normalization_dead_letters_the_bytes(
         raise RuntimeError("a bug in normalization")
 
     # the server runs in this process: the route calls the patched function
-    monkeypatch.setattr(app_module.normalize, "normalize_for_source", broken)
+    monkeypatch.setattr(ingest_module, "normalize_for_source", broken)
     body = orjson.dumps(samples.event_stream_payload("message.sms.sent", event_id="x-bug"))
     r = post(env.client, ES, content=body)
     assert r.status_code == 200 and r.json()["reason"] == "internal-error", r.text
@@ -311,7 +311,7 @@ def test_a_failure_inside_normalization_dead_letters_the_bytes(
     def broken_record(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("a bug in record building")
 
-    monkeypatch.setattr(app_module, "build_record", broken_record)
+    monkeypatch.setattr(ingest_module, "build_record", broken_record)
     r = post(env.client, ES, content=body)
     assert r.status_code == 200 and r.json()["reason"] == "internal-error", r.text
     monkeypatch.undo()

@@ -14,19 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import MAPPABLE_FIELDS
-from gateway.core import normalize as normalize_module
 from gateway.core.event import NormalizationError, NormalizedEvent, Received
 from gateway.core.kinds import EVENT_STREAM_KINDS
-from gateway.core.normalize import (
+from gateway.core.normalize import assemble, content_id, normalize
+from gateway.core.normalize.hashes import (
     _json_scalar,
-    _liquid_fields,
-    _liquid_fields_by_index,
     _literal_hash,
     _parse_hash_string,
     _plain_hash,
-    content_id,
-    normalize,
 )
+from gateway.core.normalize.liquid import _liquid_fields, _liquid_fields_by_index
 from gateway.devkit import samples
 
 # 1700000000 is 2023-11-14T22:13:20Z; 1708559115 is 2024-02-21T23:45:15Z.
@@ -995,7 +992,7 @@ def layout_bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 
 
 def _by_index(payload: Any, fmt: str) -> NormalizedEvent:
-    with mock.patch.object(normalize_module, "_liquid_fields", _liquid_fields_by_index):
+    with mock.patch.object(assemble, "_liquid_fields", _liquid_fields_by_index):
         return normalize(payload, fmt=fmt)
 
 

@@ -2,5 +2,6 @@
 
 ``body`` decodes request bodies, ``trust`` resolves the client address, ``normalize`` turns a
 payload into a :class:`~gateway.core.event.NormalizedEvent`, ``dedupe`` remembers sender ids,
-``records`` builds the CloudEvents Kafka record, ``kinds`` owns the event vocabulary.
+``records`` builds the CloudEvents Kafka record, ``kinds`` owns the event vocabulary, and
+``ingest`` decides one body (publish, dead-letter or refuse) for the ingress and replay.
 """

@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import re
 
-from gateway.config import CHANNELS
+__all__ = [
+    "CHANNELS",
+    "EVENT_STREAM_KINDS",
+    "KNOWN_KINDS",
+    "SOURCE_FORMATS",
+    "canonical_kind",
+    "split_kind",
+]
 
-__all__ = ["EVENT_STREAM_KINDS", "KNOWN_KINDS", "canonical_kind", "split_kind"]
+# The body layouts a source may declare (``sources[].format``).
+SOURCE_FORMATS = ("event-stream", "journey", "web-push")
+# The message channels of OneSignal's kinds (``message.<channel>.<action>``); a topic each.
+CHANNELS = ("push", "email", "sms", "iam", "live_activity")
 
 # The Event Streams kind reference (26 kinds), channel by channel.
 EVENT_STREAM_KINDS: frozenset[str] = frozenset(

@@ -8,9 +8,8 @@ core. The asyncio side (admission, the ack deadline, readiness) is :class:`SinkB
 with the in-process :class:`~gateway.kafka.sink.KafkaSink`; the guarantees are the same: a publish
 returns only after Kafka acknowledged the record, or raises and the request is answered 503.
 
-The wire between the two is length-prefixed frames; records and results are ``marshal``-ed
-(plain tuples of str, bytes and int; ``marshal`` is C-fast and runs no code on load). Records
-of one event-loop turn travel in one frame; each result comes back as soon as it is known.
+The wire between the two is length-prefixed frames (:mod:`gateway.kafka.wire`). Records of
+one event-loop turn travel in one frame; each result comes back as soon as it is known.
 
 Lifetimes:
 
@@ -27,15 +26,14 @@ Lifetimes:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
-import marshal
 import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -48,6 +46,7 @@ from kafka.errors import KafkaError
 
 from gateway.config import KafkaConfig
 from gateway.core.records import KafkaRecord
+from gateway.kafka import wire
 from gateway.kafka.producer import ProducerOpener
 from gateway.kafka.sink import PublishResult, SinkBase
 from gateway.metrics import IngressMetrics
@@ -56,26 +55,7 @@ __all__ = ["ProcessSink", "main"]
 
 log = logging.getLogger(__name__)
 
-_FRAME = struct.Struct("!IB")  # payload length, kind
-# server -> child
-_INIT = ord("I")  # pickle: {"kafka": KafkaConfig, "warm_topics": [...], "log_level", "secrets"}
-_RECORDS = ord("R")  # marshal: [(id, topic, key, value, headers), ...]
-_CLOSE = ord("C")  # marshal: seconds to wait for Kafka before giving up on records
-# child -> server
-_RESULTS = ord("A")  # marshal: [(id, partition, offset, None | "error text"), ...]
-_STATUS = ord("S")  # marshal: {"producer": bool, "topics": [...], "error": str | None}
-_CLOSED = ord("X")  # marshal: records the producer never completed
-
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds gateway/
-
-
-def _loads(payload: bytes) -> Any:
-    # frames only ever come from the other end of our own socketpair: parent or child
-    return marshal.loads(payload)  # noqa: S302
-
-
-def _frame(kind: int, payload: bytes) -> bytes:
-    return _FRAME.pack(len(payload), kind) + payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,22 +67,11 @@ class _Wire(asyncio.Protocol):
 
     def __init__(self, sink: ProcessSink) -> None:
         self.sink = sink
-        self.buf = bytearray()
+        self.frames = wire.FrameBuffer()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
-        size = len(buf)
-        while size - pos >= _FRAME.size:
-            length, kind = _FRAME.unpack_from(buf, pos)
-            end = pos + _FRAME.size + length
-            if end > size:
-                break
-            self.sink._on_frame(kind, bytes(buf[pos + _FRAME.size : end]))
-            pos = end
-        if pos:
-            del buf[:pos]
+        for kind, payload in self.frames.feed(data):
+            self.sink._on_frame(kind, payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sink._on_lost()
@@ -201,7 +170,7 @@ class ProcessSink(SinkBase):
             "warm_topics": list(self.warm_topics),
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
         }
-        transport.write(_frame(_INIT, pickle.dumps(init)))
+        transport.write(wire.frame(wire.INIT, pickle.dumps(init)))
         self._transport = transport
         log.info("kafka producer process started", extra={"pid": self._proc.pid})
 
@@ -223,7 +192,7 @@ class ProcessSink(SinkBase):
         if transport is not None and not transport.is_closing():
             if self._outbox:
                 self._flush()
-            transport.write(_frame(_CLOSE, marshal.dumps(float(timeout_s))))
+            transport.write(wire.frame(wire.CLOSE, wire.dumps(float(timeout_s))))
             try:
                 await asyncio.wait_for(self._lost.wait(), timeout_s + 5.0)
             except TimeoutError:
@@ -252,20 +221,20 @@ class ProcessSink(SinkBase):
         transport = self._transport
         if not batch or transport is None or transport.is_closing():
             return  # the child is gone: _on_lost fails every pending record
-        payload = marshal.dumps(batch)
-        transport.write(_frame(_RECORDS, payload))
+        payload = wire.dumps(batch)
+        transport.write(wire.frame(wire.RECORDS, payload))
 
     def _on_frame(self, kind: int, payload: bytes) -> None:
-        if kind == _RESULTS:
-            self._on_results(_loads(payload))
-        elif kind == _STATUS:
-            status = _loads(payload)
+        if kind == wire.RESULTS:
+            self._on_results(wire.loads(payload))
+        elif kind == wire.STATUS:
+            status = wire.loads(payload)
             self._child_producer = bool(status["producer"])
             self._child_topics.update(status["topics"])
             if status["error"]:
                 self.last_error = status["error"]
-        elif kind == _CLOSED:
-            self._unacked_at_close = int(_loads(payload))
+        elif kind == wire.CLOSED:
+            self._unacked_at_close = int(wire.loads(payload))
 
     def _on_results(self, results: Sequence[tuple[int, int, int, str | None]]) -> None:
         pending = self._pending
@@ -317,26 +286,20 @@ def _wait_or_kill(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
 class _Reader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()
+        self.frames = wire.FrameBuffer()
+        self.ready: collections.deque[tuple[int, bytes]] = collections.deque()
 
     def read(self) -> tuple[int, bytes] | None:
         """The next frame, or None at end-of-file (the server is gone)."""
-        buf = self.buf
-        while True:
-            if len(buf) >= _FRAME.size:
-                length, kind = _FRAME.unpack_from(buf)
-                end = _FRAME.size + length
-                if len(buf) >= end:
-                    payload = bytes(buf[_FRAME.size : end])
-                    del buf[:end]
-                    return kind, payload
+        while not self.ready:
             try:
                 chunk = self.sock.recv(1 << 18)
             except OSError:
                 return None
             if not chunk:
                 return None
-            buf += chunk
+            self.ready.extend(self.frames.feed(chunk))
+        return self.ready.popleft()
 
 
 class _Child:
@@ -372,15 +335,15 @@ class _Child:
                 log.info("the gateway process is gone; flushing and exiting")
                 break
             kind, payload = frame
-            if kind == _RECORDS:
-                self._send_all(_loads(payload))
-            elif kind == _CLOSE:
-                close_timeout = float(_loads(payload))
+            if kind == wire.RECORDS:
+                self._send_all(wire.loads(payload))
+            elif kind == wire.CLOSE:
+                close_timeout = float(wire.loads(payload))
                 break
         self.stop.set()
         self._first_sends.shutdown(wait=True, cancel_futures=False)
         unacked = self._close_producer(close_timeout)
-        self._send(_CLOSED, marshal.dumps(unacked))
+        self._send(wire.CLOSED, wire.dumps(unacked))
         return 0
 
     # -- producing ---------------------------------------------------------------------------
@@ -389,7 +352,7 @@ class _Child:
         producer = self.producer
         if producer is None:
             error = "the Kafka producer is not connected yet"
-            self._send(_RESULTS, marshal.dumps([(r[0], -1, -1, error) for r in records]))
+            self._send(wire.RESULTS, wire.dumps([(r[0], -1, -1, error) for r in records]))
             return
         for record in records:
             if record[1] in self.topics:
@@ -404,7 +367,7 @@ class _Child:
         try:
             fut = producer.send(topic, value=value, key=key, headers=headers)
         except Exception as exc:  # KafkaTimeoutError on metadata, closed producer
-            self._send(_RESULTS, marshal.dumps([(rid, -1, -1, f"send failed: {exc!r}")]))
+            self._send(wire.RESULTS, wire.dumps([(rid, -1, -1, f"send failed: {exc!r}")]))
             return
         with self._count_lock:
             self.sent += 1
@@ -427,7 +390,7 @@ class _Child:
     def _done(self, rid: int, partition: int, offset: int, error: str | None) -> None:
         with self._count_lock:
             self.completed += 1
-        self._send(_RESULTS, marshal.dumps([(rid, partition, offset, error)]))
+        self._send(wire.RESULTS, wire.dumps([(rid, partition, offset, error)]))
 
     def _close_producer(self, timeout_s: float) -> int:
         producer = self.producer
@@ -460,10 +423,10 @@ class _Child:
             "topics": sorted(self.topics),
             "error": self.error,
         }
-        self._send(_STATUS, marshal.dumps(status))
+        self._send(wire.STATUS, wire.dumps(status))
 
     def _send(self, kind: int, payload: bytes) -> None:
-        data = _frame(kind, payload)
+        data = wire.frame(kind, payload)
         # if the server is gone, the reader sees end-of-file and this process exits
         with self._send_lock, contextlib.suppress(OSError):
             self.sock.sendall(data)
@@ -480,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = socket.socket(fileno=int(args[0]))
     reader = _Reader(sock)
     frame = reader.read()
-    if frame is None or frame[0] != _INIT:
+    if frame is None or frame[0] != wire.INIT:
         return 2
     init = pickle.loads(frame[1])  # noqa: S301 - from our own parent over a private socketpair
     from gateway.logs import configure_logging, register_secrets

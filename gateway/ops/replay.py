@@ -35,10 +35,10 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from gateway.config import Config, SourceConfig
-from gateway.core import normalize
-from gateway.core.body import BadRequest, decode_body
-from gateway.core.event import NormalizationError, Received
-from gateway.core.records import KafkaRecord, build_dead_letter, build_record, header
+from gateway.core.event import Received
+from gateway.core.ingest import Publish, Refuse, ingest
+from gateway.core.records import KafkaRecord, build_dead_letter, header
+from gateway.ingress.sources import ingest_source
 from gateway.ops.check_config import bootstrap_reachable
 
 __all__ = [
@@ -137,35 +137,21 @@ def renormalize(
     if not source_name or header(headers, "dlq_reason") is None:
         raise ReplayError("not-an-ingress-dead-letter", "no dlq_source or dlq_reason header")
     source = _source(cfg, source_name)
-    received = _received(headers, source.name)
-    try:
-        payload = decode_body(
-            value or b"",
-            header(headers, "content-type"),
-            max_depth=cfg.server.max_json_depth,
-            allow_text=source.format == "journey",
-        )
-    except BadRequest as exc:
-        raise ReplayError(exc.code, exc.message) from None
-    try:
-        event = normalize.normalize_for_source(
-            payload,
-            source,
-            unknown_kinds=cfg.kafka.unknown_kinds,
-            # the dead letter's place names it, so replaying it twice gives the same id
-            fresh_id=lambda: str(uuid.uuid5(_REPLAY_ID_NAMESPACE, place)),
-            # the source's id_header value, which the ingress kept in the dead letter
-            header_id=header(headers, "dlq_event_id"),
-        )
-    except NormalizationError as exc:
-        raise ReplayError(exc.reason, str(exc)) from None
-    return build_record(
-        event,
-        received,
-        topic_template=cfg.kafka.topic,
-        source_name=source.name,
-        content_mode=cfg.kafka.content_mode,
+    decision = ingest(
+        value or b"",
+        ingest_source(cfg, source),
+        _received(headers, source.name),
+        content_type=header(headers, "content-type") or "",
+        # the dead letter's place names it, so replaying it twice gives the same id
+        fresh_id=lambda: str(uuid.uuid5(_REPLAY_ID_NAMESPACE, place)),
+        # the source's id_header value, which the ingress kept in the dead letter
+        header_id=header(headers, "dlq_event_id"),
     )
+    if isinstance(decision, Publish):
+        return decision.record
+    if isinstance(decision, Refuse):
+        raise ReplayError(decision.code, decision.message)
+    raise ReplayError(decision.reason, decision.detail)
 
 
 def _requeued(
@@ -256,8 +242,6 @@ def run_replay(
     starting point and are committed after each acknowledged batch.
     """
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-    from kafka.errors import KafkaError
-    from kafka.structs import OffsetAndMetadata
 
     from gateway.kafka.producer import producer_options
 
@@ -281,82 +265,128 @@ def run_replay(
             report.aborted = f"topic {dlt} does not exist or has no partitions"
             return report
         tps = [TopicPartition(dlt, p) for p in parts]
-        consumer.assign(tps)
-        end: dict[Any, int] = consumer.end_offsets(tps)
-        for tp in tps:
-            committed = None if group_id is None else consumer.committed(tp)
-            if committed is None:
-                consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
-        start = {tp: consumer.position(tp) for tp in tps}
+        start, end = _start_and_end(consumer, tps, group_id)
         total = sum(max(0, end[tp] - start[tp]) for tp in tps)
         if limit is not None:
             total = min(total, limit)
         bar = ProgressBar(total, f"replay {dlt}", progress_stream)
         if total and not dry_run:
             producer = KafkaProducer(**producer_options(cfg.kafka))
-        done = {tp for tp in tps if start[tp] >= end[tp]}
-        last_record_at = time.monotonic()
-        while len(done) < len(tps) and report.read < total:
-            batch = consumer.poll(timeout_ms=_POLL_MS, max_records=500)
-            if not batch:
-                if time.monotonic() - last_record_at > _STALL_S:
-                    report.aborted = f"no records arrived for {_STALL_S:.0f}s before the end"
-                    break
-                continue
-            last_record_at = time.monotonic()
-            futures: list[tuple[Any, bool]] = []  # (future, is_requeue)
-            commit: dict[Any, Any] = {}
-            for tp, records in batch.items():
-                for rec in records:
-                    if rec.offset >= end[tp] or report.read >= total:
-                        done.add(tp)
-                        break
-                    report.read += 1
-                    place = f"{tp.topic}/{tp.partition}/{rec.offset}"
-                    headers = list(rec.headers or [])
-                    try:
-                        out = renormalize(cfg, headers, rec.value, place=place)
-                    except ReplayError as exc:
-                        report.failures.append(
-                            ReplayFailure(tp.partition, rec.offset, exc.reason, exc.detail)
-                        )
-                        if requeue and producer is not None:
-                            again = _requeued(dlt, headers, rec.value, rec.key, exc, place)
-                            futures.append((_send(producer, again), True))
-                    else:
-                        report.published_to[out.topic] += 1
-                        if producer is not None:
-                            futures.append((_send(producer, out), False))
-                        else:
-                            report.replayed += 1  # dry run: counted as would-be replayed
-                    commit[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
-                    if rec.offset + 1 >= end[tp]:
-                        done.add(tp)
-            if producer is not None and futures:
-                producer.flush(timeout=cfg.kafka.delivery_timeout_ms / 1000)
-                try:
-                    for future, is_requeue in futures:
-                        future.get(timeout=cfg.kafka.delivery_timeout_ms / 1000)
-                        if is_requeue:
-                            report.requeued += 1
-                        else:
-                            report.replayed += 1
-                except KafkaError as exc:
-                    # nothing of this batch is committed: a re-run publishes it again, and the
-                    # repeated records carry the same ce_id for consumers to drop
-                    report.aborted = f"publish failed, batch not committed: {exc}"
-                    break
-            if group_id is not None and not dry_run and commit:
-                consumer.commit(commit)
-            bar.update(report.read)
+        run = _Pass(cfg, report, end, total, producer, requeue)
+        run.done.update(tp for tp in tps if start[tp] >= end[tp])
+        _consume(consumer, run, bar, commit=group_id is not None and not dry_run)
         bar.close(report.read)
         return report
     finally:
         if producer is not None:
             producer.close(timeout=5)
         consumer.close(autocommit=False)
+
+
+def _start_and_end(
+    consumer: Any, tps: list[Any], group_id: str | None
+) -> tuple[dict[Any, int], dict[Any, int]]:
+    """Seek each partition to the group's committed offset (or its beginning): where it
+    starts, and where it ends now (what arrives later is not this run's)."""
+    consumer.assign(tps)
+    end: dict[Any, int] = consumer.end_offsets(tps)
+    for tp in tps:
+        committed = None if group_id is None else consumer.committed(tp)
+        if committed is None:
+            consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, committed)
+    return {tp: consumer.position(tp) for tp in tps}, end
+
+
+def _consume(consumer: Any, run: _Pass, bar: ProgressBar, *, commit: bool) -> None:
+    """Poll until every partition reached its end (or the limit); commit each settled batch."""
+    last_record_at = time.monotonic()
+    while len(run.done) < len(run.end) and run.report.read < run.total:
+        batch = consumer.poll(timeout_ms=_POLL_MS, max_records=500)
+        if not batch:
+            if time.monotonic() - last_record_at > _STALL_S:
+                run.report.aborted = f"no records arrived for {_STALL_S:.0f}s before the end"
+                return
+            continue
+        last_record_at = time.monotonic()
+        futures, offsets = run.take(batch)
+        if run.producer is not None and futures and not run.settle(futures):
+            return
+        if commit and offsets:
+            consumer.commit(offsets)
+        bar.update(run.report.read)
+
+
+@dataclass
+class _Pass:
+    """One run over the topic: where each partition ends, which are done, what was sent."""
+
+    cfg: Config
+    report: ReplayReport
+    end: dict[Any, int]
+    total: int
+    producer: Any  # None in a dry run
+    requeue: bool
+    done: set[Any] = field(default_factory=set)
+
+    def take(self, batch: dict[Any, list[Any]]) -> tuple[list[tuple[Any, bool]], dict[Any, Any]]:
+        """Renormalize a polled batch: the sends (future, is_requeue) and the offsets to commit."""
+        from kafka.structs import OffsetAndMetadata
+
+        futures: list[tuple[Any, bool]] = []
+        commit: dict[Any, Any] = {}
+        for tp, records in batch.items():
+            for rec in records:
+                if rec.offset >= self.end[tp] or self.report.read >= self.total:
+                    self.done.add(tp)
+                    break
+                self.report.read += 1
+                sent = self._one(tp, rec)
+                if sent is not None:
+                    futures.append(sent)
+                commit[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+                if rec.offset + 1 >= self.end[tp]:
+                    self.done.add(tp)
+        return futures, commit
+
+    def _one(self, tp: Any, rec: Any) -> tuple[Any, bool] | None:
+        report = self.report
+        place = f"{tp.topic}/{tp.partition}/{rec.offset}"
+        headers = list(rec.headers or [])
+        try:
+            out = renormalize(self.cfg, headers, rec.value, place=place)
+        except ReplayError as exc:
+            report.failures.append(ReplayFailure(tp.partition, rec.offset, exc.reason, exc.detail))
+            if self.requeue and self.producer is not None:
+                again = _requeued(report.topic, headers, rec.value, rec.key, exc, place)
+                return _send(self.producer, again), True
+            return None
+        report.published_to[out.topic] += 1
+        if self.producer is None:
+            report.replayed += 1  # dry run: counted as would-be replayed
+            return None
+        return _send(self.producer, out), False
+
+    def settle(self, futures: list[tuple[Any, bool]]) -> bool:
+        """Wait for every acknowledgement of a batch; False when one failed (run aborted)."""
+        from kafka.errors import KafkaError
+
+        timeout_s = self.cfg.kafka.delivery_timeout_ms / 1000
+        self.producer.flush(timeout=timeout_s)
+        try:
+            for future, is_requeue in futures:
+                future.get(timeout=timeout_s)
+                if is_requeue:
+                    self.report.requeued += 1
+                else:
+                    self.report.replayed += 1
+        except KafkaError as exc:
+            # nothing of this batch is committed: a re-run publishes it again, and the
+            # repeated records carry the same ce_id for consumers to drop
+            self.report.aborted = f"publish failed, batch not committed: {exc}"
+            return False
+        return True
 
 
 def _send(producer: Any, record: KafkaRecord) -> Any:
