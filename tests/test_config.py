@@ -171,7 +171,7 @@ def test_load_config_reports_unreadable_and_invalid_files(tmp_path: Path) -> Non
 
 
 def test_an_empty_file_gives_the_dataclass_defaults() -> None:
-    # each default is written twice (the dataclass and its reader): they must not drift apart
+    # an absent key reads as its field's default, converted as a written one would be
     cfg = parse_config({}, env={})
     assert cfg.server == ServerConfig()
     assert cfg.allowlist == AllowlistConfig()
