@@ -1,4 +1,4 @@
-"""Config: every error names its key; the example file sets every declared key."""
+"""Config: every error names its key; the example file and the docs table show every key."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ from gateway.config import (
     parse_config,
     read_api_key,
 )
-from gateway.config._reference import declared_tables
+from gateway.config._reference import declared_tables, reference_markdown
 from gateway.config._schema import Table, declared_keys
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.toml"
+REFERENCE = Path(__file__).parent.parent / "docs" / "configuration.md"
 ENV = {
     "GATEWAY_EVENT_STREAM_SECRETS": "one-secret-value, two-secret-value",
     "GATEWAY_JOURNEY_SECRETS": "journey-secret-value",
@@ -100,6 +101,11 @@ def test_the_example_sets_every_declared_key_to_its_default() -> None:
         for key_name, k in declared.items():
             value = _as_declared(table[key_name])
             assert (type(value), value) == (type(k.default), k.default), f"{name}.{key_name}"
+
+
+def test_the_docs_table_is_generated_from_the_declarations() -> None:
+    # regenerate with: python -m gateway.config > docs/configuration.md
+    assert REFERENCE.read_text() == reference_markdown()
 
 
 def test_every_declared_default_is_a_value_its_key_accepts() -> None:

@@ -2,9 +2,10 @@
 
 Every key is declared once, on the dataclass field it fills (name, type, default, bounds and a
 one-line doc); one reader reads them all, and every error names the key it is about
-(``sources[1].format: must be one of event-stream, journey, web-push``). Secrets are never in
-the file: the file names environment variables, and the values are held in :class:`Secret`,
-whose ``repr`` and ``str`` never show them.
+(``sources[1].format: must be one of event-stream, journey, web-push``). The example file and
+docs/configuration.md (``python -m gateway.config``) are tested against the same declarations.
+Secrets are never in the file: the file names environment variables, and the values are held
+in :class:`Secret`, whose ``repr`` and ``str`` never show them.
 """
 
 from gateway.config._checks import MAPPABLE_FIELDS, USER_HEADER_FIELDS
