@@ -1,4 +1,4 @@
-"""Config: every error names its key; the example file documents every key."""
+"""Config: every error names its key; the example file and the docs table show every key."""
 
 from __future__ import annotations
 
@@ -19,12 +19,16 @@ from gateway.config import (
     Secret,
     ServerConfig,
     TagSyncConfig,
+    TopicsConfig,
     load_config,
     parse_config,
     read_api_key,
 )
+from gateway.config._reference import declared_tables, reference_markdown
+from gateway.config._schema import Table, declared_keys
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.toml"
+REFERENCE = Path(__file__).parent.parent / "docs" / "configuration.md"
 ENV = {
     "GATEWAY_EVENT_STREAM_SECRETS": "one-secret-value, two-secret-value",
     "GATEWAY_JOURNEY_SECRETS": "journey-secret-value",
@@ -38,6 +42,7 @@ def test_example_config_loads_and_matches_the_defaults() -> None:
     assert cfg.allowlist == AllowlistConfig()
     assert cfg.kafka == KafkaConfig()
     assert cfg.dedupe == DedupeConfig()
+    assert cfg.topics == TopicsConfig()
     assert [s.name for s in cfg.sources] == ["event-stream", "journey", "web-push"]
     assert cfg.sources[0].secrets == (Secret("one-secret-value"), Secret("two-secret-value"))
     assert cfg.sources[2].require_secret is False and cfg.sources[2].require_allowlisted_ip is False
@@ -46,34 +51,68 @@ def test_example_config_loads_and_matches_the_defaults() -> None:
     assert len(cfg.tag_sync.rules) == 2
 
 
-def test_example_config_documents_every_key() -> None:
-    data = tomllib.loads(EXAMPLE.read_text())
+def _example_tables(example: dict[str, Any], dotted: str) -> list[dict[str, Any]]:
+    """The tables of the example at a dotted path, every entry of an array of tables."""
+    found: list[Any] = [example]
+    for part in dotted.split("."):
+        found = [t[part] for t in found if part in t]
+        found = [x for t in found for x in (t if isinstance(t, list) else [t])]
+    return found
+
+
+def _commented_keys(text: str, header: str) -> set[str]:
+    """Keys shown as ``# key = ...`` in the blocks under a table header."""
+    keys: set[str] = set()
+    inside = False
+    for line in text.splitlines():
+        if line.startswith("["):
+            inside = line.split("#")[0].strip() == header
+        elif inside and (m := re.match(r"#\s*(\w+) = ", line)):
+            keys.add(m.group(1))
+    return keys
+
+
+def _as_declared(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# Keys the example can only show commented out: setting them would change what it configures.
+COMMENTED_ONLY = {"onesignal.apps": {"api_key_file"}}  # api_key_env is set: one of the two
+
+
+def test_the_example_sets_every_declared_key_to_its_default() -> None:
     text = EXAMPLE.read_text()
-    for section, cls in [
-        ("server", ServerConfig),
-        ("allowlist", AllowlistConfig),
-        ("kafka", KafkaConfig),
-        ("dedupe", DedupeConfig),
-        ("onesignal", OneSignalConfig),
-        ("tag_sync", TagSyncConfig),
-    ]:
-        for f in dataclasses.fields(cls):
-            name = {"sasl_password": "sasl_password_env", "apps": None, "rules": None}.get(
-                f.name, f.name
-            )
-            if name is None:
-                continue
-            assert name in data[section], f"[{section}] {name} is not in the example config"
-    for key in (
-        "secret_header",
-        "secrets_env",
-        "require_secret",
-        "require_allowlisted_ip",
-        "app_id",
-        "cors_origins",
-        "mapping",
-    ):
-        assert re.search(rf"^{key} = ", text, re.M), key
+    example = tomllib.loads(text)
+    tables = list(declared_tables())
+    for name, cls, repeated in tables:
+        declared = {k.name: k for k in declared_keys(cls)}
+        children = {n.rpartition(".")[2] for n, _, _ in tables if n.rpartition(".")[0] == name}
+        found = _example_tables(example, name)
+        written = {k for t in found for k in t if k not in children}
+        assert written <= set(declared), f"[{name}] undeclared: {written - set(declared)}"
+        if repeated:
+            # instances: their values are examples, not defaults
+            commented = COMMENTED_ONLY.get(name, set())
+            assert commented <= _commented_keys(text, f"[[{name}]]"), name
+            assert set(declared) - written == commented, f"[[{name}]] lacks some keys"
+            continue
+        (table,) = found
+        assert written == set(declared), f"[{name}] lacks {set(declared) - written}"
+        for key_name, k in declared.items():
+            value = _as_declared(table[key_name])
+            assert (type(value), value) == (type(k.default), k.default), f"{name}.{key_name}"
+
+
+def test_the_docs_table_is_generated_from_the_declarations() -> None:
+    # regenerate with: python -m gateway.config > docs/configuration.md
+    assert REFERENCE.read_text() == reference_markdown()
+
+
+def test_every_declared_default_is_a_value_its_key_accepts() -> None:
+    for name, cls, _ in declared_tables():
+        for k in declared_keys(cls):
+            if not k.required:
+                assert Table({}, name).read(k, k.default) == k.default, f"{name}.{k.name}"
 
 
 @pytest.mark.parametrize(
@@ -171,12 +210,13 @@ def test_load_config_reports_unreadable_and_invalid_files(tmp_path: Path) -> Non
 
 
 def test_an_empty_file_gives_the_dataclass_defaults() -> None:
-    # each default is written twice (the dataclass and its reader): they must not drift apart
+    # an absent key reads as its field's default, converted as a written one would be
     cfg = parse_config({}, env={})
     assert cfg.server == ServerConfig()
     assert cfg.allowlist == AllowlistConfig()
     assert cfg.kafka == KafkaConfig()
     assert cfg.dedupe == DedupeConfig()
+    assert cfg.topics == TopicsConfig()
     assert cfg.onesignal == OneSignalConfig()
     assert cfg.tag_sync == TagSyncConfig()
 

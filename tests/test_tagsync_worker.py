@@ -318,7 +318,7 @@ def test_bodies_headers_merging_per_user_limit_and_commits(
 
     with running(cfg):
         assert fake.wait_for(
-            lambda f: len(f.requests) >= 2 and all_committed(broker, group, topic), timeout_s=45
+            lambda f: len(f.requests) >= 2 and all_committed(broker, group, topic), timeout_s=90
         )
         first_wave = fake.requests
         assert len(user_requests(fake, "a/b")) == 1  # four events, one PATCH
