@@ -213,7 +213,8 @@ def test_broker_killed_under_load_answers_503_and_shuts_down_bounded(
     assert verified >= len(acked_before) // 2, (verified, unverifiable)
     if isinstance(fresh_broker, KafkaCluster):
         # and after its restart, every acknowledged id is there, none unverifiable
-        assert figures.ok == len(acked_before) and figures.found == figures.ok, figures
+        # (a request may be answered 2xx just after the kill: its ack left the broker before)
+        assert figures.ok >= len(acked_before) and figures.found == figures.ok, figures
         assert figures.acked_but_lost == 0, figures.lost_ids
         assert figures.duplicates == 0, figures
 

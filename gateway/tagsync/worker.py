@@ -51,6 +51,8 @@ from gateway.tagsync.turns import ReadTurns
 
 __all__ = ["TagSyncWorker", "run_tag_sync"]
 
+METADATA_MAX_AGE_MS = 15_000
+
 log = logging.getLogger("gateway.tagsync.worker")
 
 POLL_TIMEOUT_MS = 100
@@ -133,6 +135,10 @@ class TagSyncWorker:
             max_poll_records=self.ts.max_poll_records,
             session_timeout_ms=self.ts.session_timeout_ms,
             heartbeat_interval_ms=self.ts.heartbeat_interval_ms,
+            # a topic created moments before the group formed has no partitions in the
+            # assignor's view, and kafka-python only looks again at the next metadata refresh
+            # (5 minutes by default): until then nothing of it is read
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
             **(
                 {"group_instance_id": self.ts.group_instance_id}
                 if self.ts.group_instance_id
