@@ -14,7 +14,6 @@ The Apache Kafka release is ``GATEWAY_TEST_KAFKA_VERSION`` (default: the CI pin,
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,8 +58,6 @@ def _choose_backend() -> tuple[str, str]:
 
 
 BACKEND, BACKEND_NOTE = _choose_backend()
-if BACKEND == "mock" and os.environ.get("GATEWAY_TEST_KAFKA", "auto") != "mock":
-    print(f"notice: {BACKEND_NOTE}", file=sys.stderr)
 APACHE = BACKEND == "apache"
 # kafka-python negotiates with Apache Kafka; the mock needs the pin (see embedded_broker.py)
 API_VERSION = "" if APACHE else embedded_broker.API_VERSION
@@ -74,6 +71,12 @@ requires_apache = pytest.mark.skipif(
 
 def pytest_report_header() -> str:
     return f"kafka backend: {BACKEND} - {BACKEND_NOTE}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # a fallback to the mock is said again at the end, where it is read (also under -q)
+    if BACKEND == "mock" and os.environ.get("GATEWAY_TEST_KAFKA", "auto") != "mock":
+        terminalreporter.write_line(f"notice: {BACKEND_NOTE}")
 
 
 def _new_broker() -> Broker:
