@@ -57,6 +57,59 @@ def test_memory_is_allocated_once() -> None:
     assert not any(w.seen(f"id-{i}", now=10_000) for i in range(0, 9000))
 
 
+def test_a_window_shorter_than_a_second_still_remembers() -> None:
+    w = SeenWindow(window_s=0.5, max_entries=10)
+    w.add("a", now=0)
+    assert w.seen("a", now=0.4) and w.check("a", "", now=0.4) == DUPLICATE
+    # expiry is exactly now + window_s, and an entry is gone at that instant
+    assert not w.seen("a", now=0.5) and w.check("a", "", now=0.5) == NEW
+
+
+def test_an_add_without_a_kind_holds_the_empty_kind() -> None:
+    w = SeenWindow(window_s=10, max_entries=10)
+    w.add("a", now=0)
+    assert w.check("a", "", now=1) == DUPLICATE
+    assert w.check("a", "message.push.sent", now=1) == CONFLICT
+    w.add("", now=0)  # hash("") is 0, the empty-slot marker: it must still be a key
+    assert w.seen("", now=1) and len(w) == 2
+
+
+def test_memory_is_sized_from_max_entries() -> None:
+    # the ring holds exactly max_entries; the table is the smallest power of two that keeps
+    # the load factor at or under 0.5
+    for n in range(1, 40):
+        w = SeenWindow(window_s=10, max_entries=n)
+        assert len(w._ring) == len(w._expiry) == len(w._kind) == n
+        size = 1
+        while size < 2 * n:
+            size *= 2
+        assert len(w._table) == len(w._where) == size, n
+    w = SeenWindow(window_s=0, max_entries=1000)  # remembers nothing, so holds one slot
+    assert len(w._ring) == 1 and len(w._table) == 2
+
+
+def test_backward_shift_deletion_across_the_end_of_the_table() -> None:
+    # max_entries 3 gives a table of 8 slots (mask 7); the injected hashes pick the home slots
+    hashes = {"a": 7, "b": 15, "c": 8, "d": 16, "e": 23, "f": 1}
+    w = SeenWindow(window_s=100, max_entries=3, hash_fn=hashes.__getitem__)
+    assert len(w._table) == 8
+    w.add("a", now=0, kind="k")  # slot 7
+    w.add("b", now=1, kind="k")  # home 7, wraps to slot 0
+    w.add("c", now=2, kind="k")  # home 0, pushed to slot 1
+    # the ring is full: "d" evicts "a", and "b" and "c" shift back over the end of the table
+    w.add("d", now=3, kind="k")  # home 0
+    assert [w.seen(e, now=4) for e in "abcd"] == [False, True, True, True]
+    assert [w.check(e, "k", now=4) for e in "bcd"] == [DUPLICATE] * 3
+    assert sorted(x for x in w._table if x) == [8, 15, 16]
+    w.add("e", now=4, kind="j")  # home 7: evicts "b"
+    w.add("f", now=5, kind="k")  # home 1: evicts "c"
+    assert [w.seen(e, now=6) for e in "abcdef"] == [False, False, False, True, True, True]
+    assert w.check("e", "k", now=6) == CONFLICT and w.check("e", "j", now=6) == DUPLICATE
+    assert sorted(x for x in w._table if x) == [1, 16, 23] and len(w) == 3
+    # the expiry of each entry followed it through the shifts
+    assert [w.seen(e, now=104.5) for e in "def"] == [False, False, True]
+
+
 class Model:
     """The plain statement: the last `cap` distinct hashes added, each with its expiry."""
 

@@ -476,3 +476,71 @@ def test_cache_is_bounded() -> None:
         resolve_client_ip("10.0.0.1", xff(f"198.51.{i // 256 % 256}.{i % 256}"), proxies)
     info = proxies._classify.cache_info()  # type: ignore[attr-defined]
     assert info.currsize <= info.maxsize
+
+
+# ---------------------------------------------------------------------------------------------
+# exact behaviour of the helpers, pinned where mutation testing found no test looking
+
+
+def test_bad_cidr_message_and_repr() -> None:
+    with pytest.raises(ValueError, match="trusted proxies: not an IP address or CIDR"):
+        TrustedProxies(["10.0.0.0/33"])
+    assert repr(TrustedProxies(["10.0.0.0/8"])) == "TrustedProxies(['10.0.0.0/8'])"
+
+
+def test_only_space_and_tab_are_optional_whitespace() -> None:
+    # a vertical tab is not OWS (RFC 9110 §5.6.3): the hop is unreadable, not "1.2.3.4"
+    assert resolve_client_ip("10.0.0.1", xff("1.2.3.4\x0b"), PROXIES) == ClientIP(
+        "10.0.0.1", malformed=True
+    )
+    assert resolve_fwd("for=1.2.3.4\x0b") == ClientIP("10.0.0.1", malformed=True)
+    # "\x0bfor" is another parameter's name, skipped; the real for= still counts
+    assert resolve_fwd("\x0bfor=9.9.9.9;for=1.2.3.4") == ClientIP("1.2.3.4", via_proxy=True)
+
+
+def test_forwarded_leading_empty_element_is_skipped() -> None:
+    assert resolve_fwd(",for=1.2.3.4") == ClientIP("1.2.3.4", via_proxy=True)
+
+
+def test_split_outside_quotes_skips_escaped_quotes() -> None:
+    from gateway.core.trust import _split_outside_quotes
+
+    assert _split_outside_quotes('"a\\"";b', ";") == ['"a\\""', "b"]
+    assert _split_outside_quotes('a;b="x\\"y;z";c', ";") == ["a", 'b="x\\"y;z"', "c"]
+    assert _split_outside_quotes('a;"b', ";") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1.2.3.4", "1.2.3.4"),
+        ('a"b', None),  # a quote or backslash outside a quoted-string
+        ("a\\b", None),
+        ('"', None),
+        ('"abc', None),
+        ('""', ""),
+        ('"ab"', "ab"),
+        ('"a\\"b"', 'a"b'),
+        ('"a\\bc"', "abc"),
+        ('"a\\"', None),  # the escape swallows the closing quote
+        ('"a"b"', None),  # a bare quote inside
+    ],
+)
+def test_unquote(value: str, expected: str | None) -> None:
+    from gateway.core.trust import _unquote
+
+    assert _unquote(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("element", "expected"),
+    [
+        ("proto=https;for=1.2.3.4", ClientIP("1.2.3.4", via_proxy=True)),  # unknown params skip
+        ("=x;for=1.2.3.4", ClientIP("10.0.0.1", malformed=True)),  # a pair without a name
+        ("proto;for=1.2.3.4", ClientIP("10.0.0.1", malformed=True)),  # a pair without "="
+        # an unbracketed IPv6 cannot carry a port, obfuscated or not
+        ('for="2001:db8::1:_x"', ClientIP("10.0.0.1", malformed=True)),
+    ],
+)
+def test_forwarded_pairs(element: str, expected: ClientIP) -> None:
+    assert resolve_fwd(element) == expected
