@@ -28,3 +28,12 @@ def test_demo_runs_end_to_end() -> None:
     assert "user-42's tags now:" in out and "'email_bounced': '1'" in out
     assert "Done. Nothing in this demo left the machine." in out
     assert "demo-" not in out  # the run's secret is never printed
+
+
+def test_the_demo_prints_a_dead_lettered_body_as_the_bytes_it_was() -> None:
+    from gateway.devkit.demo import _json_or_bytes
+
+    # invalid JSON is dead-lettered byte for byte now; printing it must not fail
+    assert _json_or_bytes(b'{"event.kind": ') == b'{"event.kind": '
+    assert _json_or_bytes(b'{"a": 1}') == {"a": 1}
+    assert _json_or_bytes(b"") == b"" and _json_or_bytes(None) is None

@@ -115,6 +115,16 @@ async def _post(client: httpx.AsyncClient, path: str, payload: Any, **kw: Any) -
     return await client.post(path, content=content, headers=headers, **kw)
 
 
+def _json_or_bytes(value: bytes | None) -> Any:
+    """A record's value as JSON where it is JSON; a dead letter keeps the bytes it was sent."""
+    if not value:
+        return value
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+
+
 async def _declare_oversize(client: httpx.AsyncClient, path: str, size: int) -> httpx.Response:
     """Headers that declare ``size`` bytes, then wait for the answer before sending any.
 
@@ -250,7 +260,7 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
             )
             for k, v in rec.headers:
                 print(f"     {k}: {v.decode(errors='replace')}")
-            value = orjson.loads(rec.value) if rec.value and rec.value[:1] == b"{" else rec.value
+            value = _json_or_bytes(rec.value)
             text = (
                 orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
                 if isinstance(value, dict)
