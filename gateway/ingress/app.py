@@ -28,13 +28,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.config import CHANNELS, Config
+from gateway.config import Config
 from gateway.ingress.allowlist import Allowlist, RangeRefresher, log_if_stale
 from gateway.ingress.openapi import openapi_document
 from gateway.ingress.route import SourceRoute
 from gateway.ingress.state import RouteState
 from gateway.kafka import SinkBase, create_sink
-from gateway.kafka.topics import TopicWatcher
+from gateway.kafka.topics import TopicWatcher, gateway_topics
 from gateway.metrics import IngressMetrics
 
 __all__ = ["PathDispatcher", "RouteState", "create_app"]
@@ -74,12 +74,7 @@ def create_app(
     """The ingress ASGI app. The sink connects in the app's lifespan."""
     metrics = metrics or IngressMetrics()
     allowlist = allowlist or Allowlist.from_config(config.allowlist)
-    warm = tuple(
-        dict.fromkeys(
-            [config.kafka.topic.format(channel=c) for c in CHANNELS]
-            + [config.kafka.dead_letter_topic]
-        )
-    )
+    warm = tuple(gateway_topics(config, tag_sync=False))
     sink = sink or create_sink(config.kafka, metrics, warm_topics=warm)
     state = RouteState(config=config, sink=sink, allowlist=allowlist, metrics=metrics, clock=clock)
     metrics.allowlist_ranges.set(allowlist.size)
@@ -149,12 +144,7 @@ def _lifespan(
         refresher_stop = asyncio.Event()
         refresher_task: asyncio.Task[None] | None = None
         await state.sink.start()
-        watcher = TopicWatcher(
-            config.kafka,
-            list(warm),
-            config.topics.check_interval_s,
-            on_missing=lambda missing: setattr(state.sink, "missing_topics", missing),
-        )
+        watcher = TopicWatcher(config.kafka, warm, config.topics.check_interval_s, state.sink)
         watcher.start()
         refresh_on = config.allowlist.refresh_interval_s > 0
         log_if_stale(

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from gateway.config import CHANNELS, Config, KafkaConfig, TopicsConfig
+from gateway.kafka.sink import SinkBase
 
 __all__ = [
     "TopicStatus",
@@ -273,26 +274,21 @@ def _creation_errors(response: Any) -> tuple[dict[str, str], set[str]]:
 
 
 class TopicWatcher:
-    """Lists Kafka's topics now and then, so readiness can name the gateway's missing ones.
+    """Lists Kafka's topics now and then and sets the sink's ``missing_topics``, which its
+    readiness names.
 
     Runs on a thread of its own: kafka-python's admin client blocks. A failed listing keeps
     the last answer (Kafka being down is the sink's business, not this one's).
     """
 
     def __init__(
-        self,
-        kafka: KafkaConfig,
-        topics: list[str],
-        interval_s: float,
-        on_missing: Callable[[frozenset[str]], None],
+        self, kafka: KafkaConfig, topics: Sequence[str], interval_s: float, sink: SinkBase
     ) -> None:
         self.kafka = kafka
-        self.topics = topics
+        self.topics = tuple(topics)
         self.interval_s = interval_s
-        self.on_missing = on_missing
-        self.missing: frozenset[str] = frozenset()
+        self.sink = sink
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def check_once(self) -> frozenset[str] | None:
         try:
@@ -305,7 +301,7 @@ class TopicWatcher:
             log.debug("topic listing failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             return None
         missing = frozenset(t for t in self.topics if t not in existing)
-        if missing != self.missing:
+        if missing != self.sink.missing_topics:
             if missing:
                 log.error(
                     "topics missing in Kafka: create them with 'gateway topics create'",
@@ -313,8 +309,7 @@ class TopicWatcher:
                 )
             else:
                 log.info("every gateway topic exists in Kafka")
-        self.missing = missing
-        self.on_missing(missing)
+        self.sink.missing_topics = missing
         return missing
 
     def _run(self) -> None:
@@ -327,8 +322,7 @@ class TopicWatcher:
     def start(self) -> None:
         if self.interval_s <= 0:
             return
-        self._thread = threading.Thread(target=self._run, name="topic-watcher", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="topic-watcher", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from typing import TextIO
+from collections.abc import Callable
+from typing import TextIO, TypeVar
 
 import httpx
 
 from gateway.config import Config
-from gateway.ingress import allowlist as ranges
+from gateway.ingress.allowlist import Allowlist, RangesError
 from gateway.kafka.topics import TopicStatus, describe_topics, durability_warnings, gateway_topics
 from gateway.tagsync.rules import compile_rules
+
+T = TypeVar("T")
 
 __all__ = ["check_config"]
 
@@ -39,28 +42,36 @@ def _kafka_reachable(cfg: Config, timeout_s: float = 10.0) -> tuple[bool, str]:
 
     if not bootstrap_reachable(cfg.kafka.bootstrap_servers, timeout_s=min(timeout_s, 5.0)):
         return False, "no bootstrap server accepts a TCP connection"
-    outcome: list[tuple[bool, str]] = []
 
-    def probe() -> None:
+    def probe() -> tuple[bool, str]:
         try:
             consumer = KafkaConsumer(**cfg.kafka.client_options(), request_timeout_ms=10000)
         except (KafkaError, ValueError, OSError) as exc:
-            outcome.append((False, f"{type(exc).__name__}: {exc}"))
-            return
+            return False, f"{type(exc).__name__}: {exc}"
         try:
-            outcome.append((True, f"{len(consumer.topics())} topics visible"))
+            return True, f"{len(consumer.topics())} topics visible"
         except KafkaError as exc:
-            outcome.append((False, f"{type(exc).__name__}: {exc}"))
+            return False, f"{type(exc).__name__}: {exc}"
         finally:
             consumer.close()
 
-    # a broker that accepts connections but never answers must not hang the check
-    thread = threading.Thread(target=probe, name="check-kafka", daemon=True)
+    outcome = _bounded(probe, timeout_s, "check-kafka")
+    if outcome is None:
+        return False, f"no metadata from Kafka within {timeout_s:.0f}s"
+    return outcome
+
+
+def _bounded(fn: Callable[[], T], timeout_s: float, name: str) -> T | None:
+    """``fn()`` on a daemon thread, or None if it has not returned within ``timeout_s``.
+
+    kafka-python blocks without a bound on a broker that accepts connections but never
+    answers; the check must not hang with it.
+    """
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), name=name, daemon=True)
     thread.start()
     thread.join(timeout_s)
-    if not outcome:
-        return False, f"no metadata from Kafka within {timeout_s:.0f}s"
-    return outcome[0]
+    return out[0] if out else None
 
 
 def _onesignal_key_ok(cfg: Config, app_id: str, key: str) -> tuple[bool, str]:
@@ -78,25 +89,22 @@ def _onesignal_key_ok(cfg: Config, app_id: str, key: str) -> tuple[bool, str]:
 
 def _check_topics(cfg: Config, out: TextIO, timeout_s: float = 15.0) -> int:
     """Each gateway topic against ``[topics]``: missing, or too weak to survive a broker loss."""
-    result: list[list[TopicStatus] | str] = []
 
-    def probe() -> None:
+    def probe() -> list[TopicStatus] | str:
         try:
-            result.append(describe_topics(cfg.kafka, gateway_topics(cfg)))
+            return describe_topics(cfg.kafka, gateway_topics(cfg))
         except Exception as exc:  # an admin API the cluster refuses, an ACL
-            result.append(f"{type(exc).__name__}: {exc}")
+            return f"{type(exc).__name__}: {exc}"
 
-    thread = threading.Thread(target=probe, name="check-topics", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if not result:
+    result = _bounded(probe, timeout_s, "check-topics")
+    if result is None:
         print(f"topics: FAILED: no answer from Kafka within {timeout_s:.0f}s", file=out)
         return 1
-    if isinstance(result[0], str):
-        print(f"topics: FAILED: {result[0]}", file=out)
+    if isinstance(result, str):
+        print(f"topics: FAILED: {result}", file=out)
         return 1
     problems = 0
-    for status in result[0]:
+    for status in result:
         issues = status.problems(cfg.topics)
         problems += bool(issues)
         verdict = "ok" if not issues else "FAILED: " + "; ".join(issues)
@@ -127,13 +135,13 @@ def check_config(cfg: Config, *, online: bool, out: TextIO) -> int:
         ip = "allowlisted senders only" if src.require_allowlisted_ip else "any sender address"
         print(f"source {src.name}: {src.path} ({src.format}); {ip}; {secret}", file=out)
     try:
-        allow = ranges.Allowlist.from_config(cfg.allowlist)
+        allow = Allowlist.from_config(cfg.allowlist)
         print(
             f"allowlist: {allow.size} ranges (scopes {', '.join(cfg.allowlist.scopes)}, "
             f"syncToken {allow.sync_token})",
             file=out,
         )
-    except (ranges.RangesError, OSError) as exc:
+    except (RangesError, OSError) as exc:
         problems += 1
         print(f"allowlist: FAILED: {exc}", file=out)
     ok, detail = _kafka_reachable(cfg)
