@@ -239,7 +239,6 @@ class KafkaCluster:
     config: Mapping[str, str] = field(default_factory=dict)
     start_timeout_s: float = 90.0
     base_dir: Path | None = None
-    api_version: str = ""  # kafka-python negotiates with Apache Kafka: no pin
     _nodes: list[_Node] = field(default_factory=list, init=False)
     _own_dir: bool = field(default=False, init=False)
 
