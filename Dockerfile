@@ -35,8 +35,10 @@ ENV GATEWAY_CONFIG=/etc/gateway/gateway.toml \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /var/lib/gateway
 USER 10001:0
-# 8080: server.port (ingress, /healthz, /readyz, /metrics); 9102: tag_sync.metrics_port
-EXPOSE 8080 9102
+# 8080: server.port (webhooks, /healthz, /readyz); 9101: server.metrics_port (/metrics,
+# /openapi.json; set server.metrics_host = "0.0.0.0" to scrape it from outside the container);
+# 9102: tag_sync.metrics_port (likewise tag_sync.metrics_host)
+EXPOSE 8080 9101 9102
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['GATEWAY_HEALTHCHECK_URL'], timeout=2)"]
 # SIGTERM (docker stop) drains: in-flight requests wait for their Kafka acks, tag sync commits.

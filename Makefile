@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench compat mutate
+.PHONY: install demo test lint bench compat mutate asyncapi
 # `make compat`: the test files that talk to Kafka, against each release below (real Apache
 # Kafka from Maven Central; needs Java 17+ and Maven). The CI pin is kafka_cluster.DEFAULT_VERSION.
 COMPAT_VERSIONS ?= 3.9.2 4.4.0
@@ -20,17 +20,27 @@ test: install
 	$(VENV)/bin/pytest
 lint: install
 	$(VENV)/bin/ruff check gateway tests && $(VENV)/bin/ruff format --check gateway tests && $(VENV)/bin/mypy
+# The AsyncAPI project's parser, which tests/test_asyncapi.py runs (needs Node.js and npm)
+asyncapi:
+	cd .ci/asyncapi && npm ci --silent --no-audit --no-fund
 bench: install
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 # Mutation testing of the modules that hold the promises ([tool.mutmut] in pyproject.toml):
 # slow, not in CI. Survivors are listed in mutation-report.txt; see docs/testing.md.
-MUTATE_TIMEOUT ?= 3600
+# `make mutate MUTATE_ONLY=gateway/core/trust.py` (one or more files) runs only their mutants.
+MUTATE_TIMEOUT ?= 7200
+MUTATE_CHILDREN ?= 2
+MUTATE_ONLY ?=
+MUTATE_MODULES := $(foreach f,$(MUTATE_ONLY),$(subst /,.,$(basename $(f))))
 mutate: install
 	$(PY) -m pip install -q -e '.[test,mutation]'
 	rm -rf mutants
-	GATEWAY_TEST_KAFKA=mock timeout $(MUTATE_TIMEOUT) $(VENV)/bin/mutmut run --max-children 2
-	$(VENV)/bin/mutmut results --all true > mutation-report.txt
+	GATEWAY_TEST_KAFKA=mock timeout $(MUTATE_TIMEOUT) nice -n 10 $(VENV)/bin/mutmut run \
+		--max-children $(MUTATE_CHILDREN) $(foreach m,$(MUTATE_MODULES),'$(m).*')
+	$(VENV)/bin/mutmut results --all true | grep -F $(foreach m,$(or $(MUTATE_MODULES),gateway),-e '$(m).') \
+		> mutation-report.txt
 	@sed -E 's/^ *(gateway[a-z_.]*)\.x[^:]*: (.*)$$/\1 \2/' mutation-report.txt | sort | uniq -c \
 		| awk '{n=$$1; $$1=""; print $$0 ":", n}'
 compat: install

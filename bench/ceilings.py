@@ -1,8 +1,11 @@
-"""Rows 2 and 2b: how fast a Kafka client alone can publish our record.
+"""Rows 2, 2b and 2c: how fast a Kafka client alone can publish our record, and at what cost.
 
 Row 2 is kafka-python with the gateway's producer options (``bench/apps/kafka_ceiling.py``);
 row 2b (``--kafka apache`` only) is Kafka's own ProducerPerformance, the Java client, with the
 same record size and settings: a ceiling for the client library, not a rival to the gateway.
+Row 2c (``bench/apps/client_cost.py``) is kafka-python and aiokafka each with at most
+``--connections`` records in flight, as many as the gateway can have waiting: the records/s one
+client process gets that way, and the CPU it spends per acknowledged record.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ JAVA_CALIBRATION_RECORDS = 100_000
 JAVA_MAX_RECORDS = 3_000_000  # ~7 GB at most on the node's disk, deleted with it
 
 
-def kafka_ceiling(config: Path, args: argparse.Namespace) -> LoadResult:
-    cmd = [python(), "-m", "bench.apps.kafka_ceiling", "--config", str(config)]
+def _run_app(app: str, flags: list[str], args: argparse.Namespace) -> LoadResult:
+    """Runs ``python -m bench.apps.<app>`` for ``--duration`` after ``--warmup``; its last line
+    of JSON as a row (records/s, ack latency, failures, peak RSS)."""
+    cmd = [python(), "-m", f"bench.apps.{app}", *flags]
     cmd += ["--duration", str(args.duration), "--warmup", str(args.warmup)]
-    cmd += ["--window", str(args.kafka_window)]
     out = subprocess.run(
         cmd,
         capture_output=True,
@@ -37,10 +41,10 @@ def kafka_ceiling(config: Path, args: argparse.Namespace) -> LoadResult:
         check=False,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"kafka ceiling failed: {out.stderr[-2000:]}")
+        raise RuntimeError(f"{app} {' '.join(flags)} failed: {out.stderr[-2000:]}")
     r = orjson.loads(out.stdout.strip().splitlines()[-1])
-    return LoadResult(
-        name="kafka",
+    row = LoadResult(
+        name=app,
         rps=r["records_per_s"],
         p50_ms=r["p50_ms"],
         p99_ms=r["p99_ms"],
@@ -48,8 +52,33 @@ def kafka_ceiling(config: Path, args: argparse.Namespace) -> LoadResult:
         non_2xx=r["failed"],
         socket_errors=0,
         peak_rss_mb=r["peak_rss_kb"] / 1024,
-        notes={"value_bytes": r["value_bytes"], "window": args.kafka_window},
+        notes={k: v for k, v in r.items() if k in ("value_bytes", "cpu_us_per_record", "cores")},
     )
+    return row
+
+
+def kafka_ceiling(config: Path, args: argparse.Namespace) -> LoadResult:
+    flags = ["--config", str(config), "--window", str(args.kafka_window)]
+    row = _run_app("kafka_ceiling", flags, args)
+    row.name = "kafka"
+    row.notes["window"] = args.kafka_window
+    return row
+
+
+CLIENTS = ("kafka-python", "aiokafka")
+
+
+def client_costs(config: Path, args: argparse.Namespace) -> dict[str, LoadResult]:
+    """Row 2c, one process per client, by the name it has in the report's table."""
+    out: dict[str, LoadResult] = {}
+    for client in CLIENTS:
+        flags = ["--client", client, "--config", str(config), "--in-flight", str(args.connections)]
+        row = _run_app("client_cost", flags, args)
+        row.name = "client_" + client.replace("-", "_")
+        cpu = row.notes.pop("cpu_us_per_record")
+        row.notes.update(cpu_us={"total": round(cpu, 1)}, in_flight=args.connections)
+        out[row.name] = row
+    return out
 
 
 _PERF_SUMMARY = re.compile(

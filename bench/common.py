@@ -90,6 +90,42 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of ``pid`` and of each descendant, by process id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for p in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        out[p] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its descendants (the producer process)."""
+    return sum(cpu_by_process(pid).values())
+
+
+def cpu_per_request(
+    before: dict[int, float], after: dict[int, float], requests: int
+) -> dict[str, float]:
+    """CPU microseconds per request over a pass, from two :func:`cpu_by_process` readings:
+    the whole tree, the first process (the server) and its descendants (the producer process,
+    or uvicorn's workers)."""
+    main = next(iter(after), None)
+    spent = {p: after[p] - before.get(p, 0.0) for p in after}
+    n = max(1, requests)
+    total = sum(spent.values())
+    server = spent.get(main, 0.0) if main is not None else 0.0
+    return {
+        "total": round(1e6 * total / n, 1),
+        "server": round(1e6 * server / n, 1),
+        "children": round(1e6 * (total - server) / n, 1),
+    }
+
+
 def read_status_kb(pid: int, key: str) -> int:
     """A ``/proc/<pid>/status`` figure in kB (VmRSS, VmHWM), summed over the process and its
     worker processes; 0 once the process is gone."""

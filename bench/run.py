@@ -12,9 +12,16 @@ for each target a server in its own process, loaded with wrk and the same OneSig
 - ``java`` (``--kafka apache`` only): Kafka's own ProducerPerformance, the Java client's
   ceiling with the same record size and producer settings (pipelined sends: a ceiling, not a
   rival that acknowledges each request);
-- ``naive``: the handler a user would write (``send(...).get()`` in a thread pool);
+- ``clients``: kafka-python and aiokafka each with at most ``--connections`` records in flight
+  (as many as the gateway can have waiting): the records/s one client process gets, and its CPU
+  per acknowledged record;
+- ``naive``: the handler a user would write first (``send(...).get()`` in a thread pool);
+- ``aiokafka``: the rival a competent user writes (Starlette + aiokafka, ``send_and_wait``
+  with acks=all, idempotence, ``linger_ms`` 0; no verification);
 - ``ours``: ``gateway serve`` with the whole path on (trusted proxy, allowlist, secret,
-  normalize, dedupe, ack).
+  normalize, dedupe, ack);
+- ``traced``: ``ours`` with ``[tracing]`` on, every request sampled and its spans exported over
+  OTLP/HTTP to a loopback sink: the cost of tracing (``ours`` is tracing off, the default).
 
 Absolute figures on a shared 2-core machine are noise; the ratios between targets measured
 side by side in one run are what to read. Also: ``soak`` (RSS over time at half our maximum
@@ -23,7 +30,7 @@ rate), ``tagsync`` (the worker's events/s against a loopback OneSignal) and ``al
 under load and prints where its time goes.
 
 This module parses the flags and runs the rows. Each measurement lives in its own module:
-``ingress`` (bare, naive, ours), ``ceilings`` (kafka, java), ``soak``, ``tagsync``,
+``ingress`` (bare, naive, ours), ``ceilings`` (kafka, java, clients), ``soak``, ``tagsync``,
 ``allowlist`` and ``profiling``; ``common`` holds the child processes, RSS polling and wrk, and
 ``report`` prints the table and judges the targets.
 """
@@ -44,19 +51,35 @@ from typing import Any
 import orjson
 
 from bench.allowlist import allowlist
-from bench.ceilings import java_ceiling, kafka_ceiling
+from bench.ceilings import client_costs, java_ceiling, kafka_ceiling
 from bench.common import Load, load_average
-from bench.ingress import load_server, write_config
+from bench.ingress import load_server, load_traced, write_config
 from bench.report import Check, report
 from bench.soak import soak
+from bench.spool import spool_rows
 from bench.tagsync import tagsync
 from gateway.config import KafkaConfig
 from gateway.devkit.embedded_broker import API_VERSION, EmbeddedBroker
 from gateway.devkit.kafka_cluster import DEFAULT_VERSION, KafkaCluster
 
-TARGETS = ("bare", "kafka", "java", "naive", "ours", "soak", "tagsync", "allowlist")
+TARGETS = (
+    "bare",
+    "kafka",
+    "java",
+    "clients",
+    "naive",
+    "aiokafka",
+    "ours",
+    "traced",
+    "spool",
+    "soak",
+    "tagsync",
+    "allowlist",
+)
+# measured alternately, round after round, with --rounds N (ratios of one round's neighbours)
+ROUNDS = ("ours", "aiokafka", "naive")
 APACHE_ONLY = {"java"}
-NEEDS_BROKER = {"bare", "kafka", "java", "naive", "ours", "soak", "tagsync"}
+NEEDS_BROKER = set(TARGETS) - {"allowlist"}  # every row but the allowlist lookups
 # one real node, full JIT (the tests' C1-only start is quicker, not faster), a larger heap
 APACHE_HEAP_MB = 1024
 
@@ -93,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(TARGETS)}")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run ours, aiokafka and naive alternately this many times; each ratio is then "
+        "the median of the rounds' ratios, with its range",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="py-spy our gateway under load; raw stacks to bench-results/",
@@ -120,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
         help="producer batch size of the backlog (default: the gateway's kafka.batch_size; "
         "16384 is kafka-python's default)",
     )
+    p.add_argument("--spool-records", type=int, default=20_000, help="spool: records to drain")
+    p.add_argument("--spool-keys", type=int, default=1000, help="spool: users among them")
     p.add_argument("--allowlist-lookups", type=int, default=50_000)
     p.add_argument("--allowlist-rounds", type=int, default=11)
     return p
@@ -143,7 +175,7 @@ def _select_targets(p: argparse.ArgumentParser, args: argparse.Namespace) -> lis
         args.soak = args.soak if args.soak > 0 else 300.0
         if "ours" not in targets:  # the soak's rate is half of ours' measured maximum
             targets.insert(targets.index("soak"), "ours")
-    if shutil.which("wrk") is None and set(targets) & {"bare", "naive", "ours", "soak"}:
+    if shutil.which("wrk") is None and set(targets) & {"bare", "naive", "ours", "spool", "soak"}:
         p.error("wrk is not installed (Debian: apt-get install wrk)")
     return targets
 
@@ -193,10 +225,19 @@ class Run:
 def run_target(target: str, run: Run, results: dict[str, Any]) -> None:
     """Measures one row into ``results``."""
     args, config, workdir = run.args, run.config, run.workdir
-    if target in ("bare", "naive", "ours"):
+    if target in ("bare", "naive", "aiokafka", "ours"):
         r = load_server(target, config, workdir, run.load, args)
         results["loads"][target] = r
+        results.setdefault("rounds", {}).setdefault(target, []).append(r)
         print(f"   {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms", flush=True)
+    elif target == "traced":
+        r = load_traced(run.bootstrap, workdir, run.load, args, args.api_version)
+        results["loads"][target] = r
+        print(
+            f"   {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
+            f"{r.notes['otlp_exports']} OTLP exports ({r.notes['otlp_bytes']} B)",
+            flush=True,
+        )
     elif target in ("kafka", "java"):
         if target == "kafka":
             r = kafka_ceiling(config, args)
@@ -205,21 +246,54 @@ def run_target(target: str, run: Run, results: dict[str, Any]) -> None:
             r = java_ceiling(run.cluster, config, workdir, args)
         results["loads"][target] = r
         print(f"   {r.rps:.0f} records/s", flush=True)
+    elif target == "clients":
+        for name, r in client_costs(config, args).items():
+            results["loads"][name] = r
+            print(
+                f"   {name}: {r.rps:.0f} records/s, {r.notes['cpu_us']['total']:.1f} us CPU "
+                "per record",
+                flush=True,
+            )
     elif target == "soak":
         ours = results["loads"].get("ours")
         if ours is None:
             raise RuntimeError("soak needs the 'ours' run for its maximum rate")
         results["soak"] = soak(config, workdir, run.load, args, ours.rps)
+    elif target == "spool":
+        results["spool"] = spool_rows(config, workdir, run.load, args)
     elif target == "tagsync":
         results["tagsync"] = tagsync(run.bootstrap, workdir, args)
     elif target == "allowlist":
         results["allowlist"] = allowlist(args)
 
 
+def schedule(targets: Sequence[str], rounds: int) -> list[tuple[str, int]]:
+    """(target, round) in run order: the ROUNDS rows alternate, A B A B, where the first of
+    them stands; round 0 means a single run."""
+    rivals = [t for t in targets if t in ROUNDS]
+    out: list[tuple[str, int]] = []
+    for t in targets:
+        if t in rivals and rounds > 1:
+            if t == rivals[0]:
+                out += [(r, n) for n in range(1, rounds + 1) for r in rivals]
+        else:
+            out.append((t, 0))
+    return out
+
+
+def pick_medians(results: dict[str, Any]) -> None:
+    """Each alternated row's table figure is its median round by requests/s."""
+    for target, runs in results.get("rounds", {}).items():
+        if len(runs) > 1:
+            ordered = sorted(runs, key=lambda r: r.rps)
+            results["loads"][target] = ordered[len(ordered) // 2]
+
+
 def write_json(path: Path, results: dict[str, Any], checks: list[Check]) -> None:
     out = dict(
         results,
         loads={k: asdict(v) for k, v in results["loads"].items()},
+        rounds={k: [asdict(r) for r in v] for k, v in results.get("rounds", {}).items()},
         checks=[{"check": c, "pass": ok} for c, ok in checks],
     )
     path.write_bytes(
@@ -241,13 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bootstrap, cluster = start_broker(args, workdir, st)
         config = write_config(workdir, bootstrap or "127.0.0.1:9", args.workers, args.api_version)
         run = Run(args, workdir, load, config, bootstrap, cluster)
-        for target in args.targets:
-            print(f"-- {target}", flush=True)
+        for target, round_no in schedule(args.targets, args.rounds):
+            print(f"-- {target}" + (f" (round {round_no})" if round_no else ""), flush=True)
             try:
                 run_target(target, run, results)
             except Exception as exc:  # one broken target must not lose the others' figures
                 print(f"   {target} failed: {exc}", flush=True)
                 results.setdefault("errors", {})[target] = str(exc)
+        pick_medians(results)
         checks = report(results, args)
     if args.json:
         write_json(args.json, results, checks)

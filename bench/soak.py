@@ -32,7 +32,7 @@ def soak(
         with RssSampler(srv.proc.pid, interval_s=1.0) as rss:
             w = load.run(srv.url, args.soak, conns, delay_ms=delay)
         end_kb = read_status_kb(srv.proc.pid, "VmRSS")
-        outcomes = gateway_outcomes(srv.url)
+        outcomes = gateway_outcomes(config)
     peak_kb = rss.peak_kb
     series = [round(kb / 1024, 1) for _, kb in rss.samples]
     return {

@@ -1,4 +1,5 @@
-"""The ``gateway`` command: serve, tag-sync, demo, check-config, ranges, replay."""
+"""The ``gateway`` command: serve, tag-sync, demo, check-config, topics, ranges, replay, spool,
+schema."""
 
 from __future__ import annotations
 
@@ -44,11 +45,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     if cfg.server.workers > 1:
-        # worker processes build their own app from the same file (see server.worker_app)
+        import shutil
+        import tempfile
+
+        from gateway.ingress.peers import ENV_DIR
+
+        # worker processes build their own app from the same file (see server.worker_app),
+        # and meet in a private directory so that one scrape answers for all of them
         os.environ["GATEWAY_CONFIG"] = os.path.abspath(cfg.path)
-        uvicorn.run(
-            "gateway.ingress.server:worker_app", factory=True, **uvicorn_options(cfg, **overrides)
-        )
+        os.environ[ENV_DIR] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        try:
+            uvicorn.run(
+                "gateway.ingress.server:worker_app",
+                factory=True,
+                **uvicorn_options(cfg, **overrides),
+            )
+        finally:
+            shutil.rmtree(os.environ.pop(ENV_DIR), ignore_errors=True)
         return 0
     app = create_app(cfg)
     server = GatewayServer(uvicorn_config(app, cfg, **overrides))
@@ -85,6 +98,48 @@ def cmd_topics(args: argparse.Namespace) -> int:
         print(f"kafka {cfg.kafka.bootstrap_servers}: no bootstrap server answers", file=sys.stderr)
         return 1
     return create_topics(cfg, dry_run=args.action == "plan", out=sys.stdout)
+
+
+SCHEMAS = ("event", "binary-headers", "structured", "dead-letter", "asyncapi")
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.config import parse_config, secret_by_default
+    from gateway.core import schema
+
+    if args.which == "asyncapi":
+        import tomllib
+
+        from gateway.ops.asyncapi import asyncapi_document
+
+        data: dict[str, object] = {}
+        if args.config or os.environ.get("GATEWAY_CONFIG"):
+            with open(_config_path(args), "rb") as f:
+                data = tomllib.load(f)
+        # only [kafka], [topics] and whether a source has no secret name the topics: nothing
+        # needs to be set in the environment for this
+        sources = data.get("sources", [])
+        open_source = isinstance(sources, list) and any(
+            isinstance(s, dict)
+            and not s.get("require_secret", secret_by_default(str(s.get("format", ""))))
+            for s in sources
+        )
+        doc = asyncapi_document(
+            parse_config({k: data[k] for k in ("kafka", "topics") if k in data}),
+            unauthenticated=open_source,
+        )
+    else:
+        make = {
+            "event": schema.event_schema,
+            "binary-headers": schema.binary_headers_schema,
+            "structured": schema.structured_schema,
+            "dead-letter": schema.dead_letter_headers_schema,
+        }[args.which]
+        doc = make(strict=args.strict)
+    print(json.dumps(doc, indent=2, ensure_ascii=False))
+    return 0
 
 
 def cmd_ranges(args: argparse.Namespace) -> int:
@@ -195,6 +250,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return replay.exit_code(report)
 
 
+def cmd_spool(args: argparse.Namespace) -> int:
+    from gateway.ops import spool
+
+    cfg = _load(args)
+    if args.action == "status":
+        return spool.spool_status(cfg, sys.stdout, as_json=args.json)
+    if args.action == "check":
+        return spool.spool_check(cfg, sys.stdout)
+    return spool.spool_drain(cfg, sys.stdout, timeout_s=args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
@@ -240,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.set_defaults(func=cmd_topics)
 
+    p = sub.add_parser(
+        "schema",
+        help="print the records' JSON Schema (draft 2020-12) or the topics' AsyncAPI document",
+    )
+    p.add_argument("which", choices=SCHEMAS, nargs="?", default="event")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="no field the gateway does not document (what its own tests check); the default "
+        "is open to later minor versions",
+    )
+    with_config(p)
+    p.set_defaults(func=cmd_schema)
+
     p = sub.add_parser("ranges", help="show or update the sender allowlist snapshot")
     p.add_argument("action", choices=["show", "update"])
     with_config(p)
@@ -274,6 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="append records that still fail to the dead-letter topic again",
     )
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("spool", help="the local spool: show it, verify it, or deliver it and exit")
+    p.add_argument(
+        "action",
+        choices=["status", "check", "drain"],
+        help="status: records, bytes, oldest age, keys waiting; check: verify every checksum"
+        " (exit 1 on damage); drain: deliver to Kafka and exit (the gateway must be stopped)",
+    )
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="status as one JSON object")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="drain: give up after this many seconds"
+    )
+    p.set_defaults(func=cmd_spool)
     return parser
 
 

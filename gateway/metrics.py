@@ -8,13 +8,18 @@ prometheus-client's own take a lock on every increment (several per request, ~13
 request handler's time in py-spy), but these are only ever changed on the event loop's
 thread, so plain numbers do, and prometheus-client reads them at scrape time through a
 collector. The exposition is the same as ``Counter`` and ``Histogram`` give.
+
+Every label value comes from a bounded, known set, never from input as it is: an event's kind,
+a topic, a source, a reason or outcome outside its set counts as ``other`` (:data:`OTHER`). A
+sender posting random kinds therefore adds no series (each one costs memory for good, and
+every scrape's size).
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -27,7 +32,49 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["IngressMetrics", "LoopCounter", "LoopHistogram"]
+from gateway.core.kinds import KNOWN_KINDS
+
+__all__ = [
+    "CONNECTION_REFUSAL_REASONS",
+    "DEAD_LETTER_REASONS",
+    "OTHER",
+    "PUBLISH_FAILURE_REASONS",
+    "IngressMetrics",
+    "LoopCounter",
+    "LoopHistogram",
+]
+
+OTHER = "other"
+# Why the ingress dead-letters a body: core/body.py's BadRequest codes, core/normalize's
+# NormalizationError reasons and core/ingest.py's own (tests/test_hostile_names.py checks the
+# code names no other).
+DEAD_LETTER_REASONS: frozenset[str] = frozenset(
+    {
+        "empty-body",
+        "invalid-json",
+        "invalid-utf8",
+        "lone-surrogate",
+        "too-deep",
+        "unsupported-media-type",
+        "unsupported-charset",
+        "not-json",
+        "not-an-object",
+        "no-kind",
+        "unsupported-format",
+        "unknown-kind",
+        "unknown-channel",
+        "not-a-web-sdk-event",
+        "internal-error",
+        "record-too-large",
+    }
+)
+# kafka/sink.py's reasons for a publish that got no acknowledgement (spool: nor a spool append).
+PUBLISH_FAILURE_REASONS: frozenset[str] = frozenset(
+    {"timeout", "backpressure", "error", "not_connected", "spool"}
+)
+
+# gateway/ingress/protocol.py's reasons for closing a connection before any route
+CONNECTION_REFUSAL_REASONS = ("head_too_large", "trailers_too_large", "head_timeout", "upgrade")
 
 _Child = TypeVar("_Child")
 
@@ -59,6 +106,8 @@ class _LoopMetric(Collector, Generic[_Child]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], _Child] = {}
+        # per label, the values it may take (others count as OTHER); None = any
+        self._allowed: list[frozenset[str] | None] = [None] * len(self.labelnames)
         if not self.labelnames:
             self._children[()] = self._new_child()
         if registry is not None:
@@ -67,12 +116,22 @@ class _LoopMetric(Collector, Generic[_Child]):
     def _new_child(self) -> _Child:
         raise NotImplementedError
 
+    def allow(self, label: str, values: Collection[str]) -> None:
+        """Bound ``label`` to ``values``: any other value counts as :data:`OTHER`."""
+        self._allowed[self.labelnames.index(label)] = frozenset(values)
+
     def labels(self, *values: str) -> _Child:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            child = self._children[values] = self._new_child()
+            values = tuple(
+                v if allowed is None or v in allowed else OTHER
+                for v, allowed in zip(values, self._allowed, strict=True)
+            )
+            child = self._children.get(values)
+            if child is None:
+                child = self._children[values] = self._new_child()
         return child
 
 
@@ -200,12 +259,14 @@ class IngressMetrics:
             ["reason"],
             registry=r,
         )
+        self.publish_failures.allow("reason", PUBLISH_FAILURE_REASONS)
         self.dead_letters = LoopCounter(
             "gateway_dead_letters",
             "Payloads sent to the dead-letter topic, by reason.",
             ["source", "reason"],
             registry=r,
         )
+        self.dead_letters.allow("reason", DEAD_LETTER_REASONS)
         self.dedupe_conflicts = LoopCounter(
             "gateway_dedupe_conflicts",
             "Events whose id was already held (or in flight) for an event of another kind: "
@@ -219,6 +280,7 @@ class IngressMetrics:
             ["kind"],
             registry=r,
         )
+        self.events.allow("kind", KNOWN_KINDS)
         self.producer_stalls = LoopCounter(
             "gateway_producer_stalls",
             "Times the Kafka producer settled no record for kafka.stall_timeout_s while records"
@@ -233,6 +295,71 @@ class IngressMetrics:
         self.in_flight = Gauge(
             "gateway_kafka_in_flight_records",
             "Records sent to the producer and not yet acknowledged or failed (read at scrape).",
+            registry=r,
+        )
+        # the durable local spool (spool.enabled); the gauges read the spool at scrape time
+        self.spool_bytes = Gauge(
+            "gateway_spool_bytes", "Bytes of the spool's segment files on disk.", registry=r
+        )
+        self.spool_records = Gauge(
+            "gateway_spool_records",
+            "Spooled records not yet acknowledged by Kafka.",
+            registry=r,
+        )
+        self.spool_oldest_age = Gauge(
+            "gateway_spool_oldest_age_seconds",
+            "Age of the oldest spooled record not yet delivered (0 = spool empty).",
+            registry=r,
+        )
+        self.spool_keys_waiting = Gauge(
+            "gateway_spool_keys_waiting",
+            "Record keys with records in the spool: their new records queue behind them.",
+            registry=r,
+        )
+        self.spool_max_bytes = Gauge(
+            "gateway_spool_max_bytes", "spool.max_bytes (0 = spool off).", registry=r
+        )
+        self.spool_appended = LoopCounter(
+            "gateway_spool_appended_records",
+            "Records written to the spool and fsynced (their requests were answered 2xx), by"
+            " why (kafka_down, not_acknowledged, key_waiting).",
+            ["reason"],
+            registry=r,
+        )
+        self.spool_drained = LoopCounter(
+            "gateway_spool_drained_records",
+            "Spooled records acknowledged by Kafka (rate = the drain rate).",
+            registry=r,
+        )
+        self.spool_replayed = LoopCounter(
+            "gateway_spool_replayed_records",
+            "Records found in the spool at start-up; those that had reached Kafka before a"
+            " crash are delivered twice (at-least-once).",
+            registry=r,
+        )
+        self.spool_errors = LoopCounter(
+            "gateway_spool_errors",
+            "Spool appends answered 503, by reason (full, disk: a write or fsync error).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("full", "disk"):
+            self.spool_errors.labels(reason)
+        self.spool_order_breaks = LoopCounter(
+            "gateway_spool_order_breaks",
+            "Drained records acknowledged after an earlier record of their key failed (that one"
+            " is sent again and lands after them): per-key order broken; expected 0.",
+            registry=r,
+        )
+        self.spool_truncated_bytes = LoopCounter(
+            "gateway_spool_truncated_bytes",
+            "Bytes of torn tails cut off segments at start-up (never acknowledged records).",
+            registry=r,
+        )
+        self.spool_fsync_seconds = LoopHistogram(
+            "gateway_spool_commit_seconds",
+            "Time from a spool append to its group commit's fsync.",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.dedupe_entries = Gauge(
@@ -268,6 +395,38 @@ class IngressMetrics:
             "first failure); 0 while it works or is off.",
             registry=r,
         )
+        self.subscription_checks = LoopCounter(
+            "gateway_subscription_checks",
+            "Web-push events whose subscription id was checked against OneSignal"
+            " (verify_subscriptions), by result (found, not_found, unchecked) and where the"
+            " answer came from (cache, lookup, or local: an id that cannot be one, not asked).",
+            ["source", "result", "via"],
+            registry=r,
+        )
+        self.subscription_lookups = LoopCounter(
+            "gateway_subscription_lookups",
+            "Requests to OneSignal's View user identity (by subscription), by answer (found,"
+            " not_found, rate_limited, refused_key, error).",
+            ["source", "answer"],
+            registry=r,
+        )
+        self.subscription_cache = Gauge(
+            "gateway_subscription_cache_entries",
+            "Subscription ids held in the verification caches (found and not found), summed.",
+            registry=r,
+        )
+        # the HTTP protocol's own refusals, before any route (gateway/ingress/protocol.py)
+        self.connection_refusals = LoopCounter(
+            "gateway_connection_refusals",
+            "Connections answered and closed by the HTTP protocol before any route, by reason:"
+            " head_too_large (431: over server.max_head_bytes or max_header_count),"
+            " trailers_too_large (431), head_timeout (408: no complete head within"
+            " server.head_timeout_s), upgrade (400: Upgrade such as h2c).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in CONNECTION_REFUSAL_REASONS:
+            self.connection_refusals.labels(reason)
         self.allowlist_misses = LoopCounter(
             "gateway_allowlist_misses",
             "Requests refused because the sender address is not in the allowlist, by whether "
@@ -276,3 +435,18 @@ class IngressMetrics:
             ["source", "secret"],
             registry=r,
         )
+
+    def bound(self, *, sources: Collection[str], topics: Collection[str]) -> None:
+        """Bound the source and topic labels to the configured ones (create_app calls it)."""
+        by_label: Mapping[str, Collection[str]] = {"source": sources, "topic": topics}
+        for metric in (
+            self.requests,
+            self.request_seconds,
+            self.published,
+            self.dead_letters,
+            self.dedupe_conflicts,
+            self.allowlist_misses,
+        ):
+            for label in metric.labelnames:
+                if label in by_label:
+                    metric.allow(label, by_label[label])

@@ -7,8 +7,11 @@ config resolved is registered with the log scrubber before the first line is log
 
 from __future__ import annotations
 
+import os
+
 from gateway.config import Config, load_config
 from gateway.logs import configure_logging, register_secrets
+from gateway.tracing import header_values
 
 __all__ = ["resolved_secrets", "start"]
 
@@ -19,7 +22,11 @@ def resolved_secrets(cfg: Config) -> list[str]:
     secrets += [a.api_key.reveal() for a in cfg.onesignal.apps if a.api_key]
     if cfg.kafka.sasl_password:
         secrets.append(cfg.kafka.sasl_password.reveal())
-    return secrets
+    if cfg.tracing.headers_env:
+        # the exporter's headers carry credentials (an API key for the trace backend)
+        text = os.environ.get(cfg.tracing.headers_env, "")
+        secrets += header_values(text)
+    return [s for s in secrets if s]
 
 
 def start(path: str, *, log_level: str | None = None) -> Config:

@@ -20,11 +20,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from kafka import KafkaConsumer, TopicPartition
 
 from gateway.devkit import embedded_broker, kafka_cluster
 from gateway.devkit.embedded_broker import EmbeddedBroker
 from gateway.devkit.kafka_cluster import KafkaCluster, KafkaUnavailable
+
+from .contract import TopicAudit
+
+# Hypothesis' per-example deadline (200 ms) is a timing assert, and this machine is shared:
+# an example held up by other work failed a property that holds. Speed is the bench's job;
+# a hang is still caught by pytest-timeout.
+settings.register_profile("gateway", deadline=None)
+settings.load_profile("gateway")
 
 Broker = EmbeddedBroker | KafkaCluster
 
@@ -73,7 +82,37 @@ def pytest_report_header() -> str:
     return f"kafka backend: {BACKEND} - {BACKEND_NOTE}"
 
 
+# What the contract audit read on each broker the session stopped (tests/contract.py).
+_AUDITED: list[int] = []
+
+
+def _audit(b: Broker) -> None:
+    """Check every record on ``b`` against the published schemas; fail the test if one is off.
+
+    A test may leave nodes killed or frozen: they are brought back first, so the records of
+    fault tests are read too.
+    """
+    if isinstance(b, KafkaCluster):
+        for node in b.node_ids:
+            b.resume(node)
+            if not b.alive(node):
+                b.restart(node)
+        b.wait_ready()
+    else:
+        b.resume()
+    audit = TopicAudit(b.bootstrap_servers, KAFKA_API_VERSION).run()
+    _AUDITED.append(audit.checked)
+    assert not audit.problems, "records that break the published schema:\n" + "\n".join(
+        audit.report()
+    )
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _AUDITED:
+        terminalreporter.write_line(
+            f"contract: {sum(_AUDITED)} records checked against the schemas "
+            f"on {len(_AUDITED)} broker(s)"
+        )
     # a fallback to the mock is said again at the end, where it is read (also under -q)
     if BACKEND == "mock" and os.environ.get("GATEWAY_TEST_KAFKA", "auto") != "mock":
         terminalreporter.write_line(f"notice: {BACKEND_NOTE}")
@@ -91,6 +130,7 @@ def broker() -> Iterator[Broker]:
     b = _new_broker()
     try:
         yield b
+        _audit(b)
     finally:
         b.stop()
 
@@ -101,6 +141,11 @@ def fresh_broker() -> Iterator[Broker]:
     b = _new_broker()
     try:
         yield b
+        # a killed mock loses its data with it (it lives in the child's memory)
+        if not isinstance(b, EmbeddedBroker) or (
+            b.process is not None and b.process.poll() is None
+        ):
+            _audit(b)
     finally:
         b.stop()
 
@@ -112,6 +157,7 @@ def cluster3() -> Iterator[KafkaCluster]:
         pytest.skip("needs real Apache Kafka (GATEWAY_TEST_KAFKA=apache; Java 17+ and Maven)")
     with KafkaCluster(nodes=3, version=KAFKA_VERSION, auto_create_topics=False) as c:
         yield c
+        _audit(c)
 
 
 def unique(prefix: str = "t") -> str:

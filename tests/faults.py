@@ -66,6 +66,8 @@ def gateway_toml(bootstrap: str, prefix: str, **sections: Mapping[str, Any]) -> 
             "trusted_proxies": ["127.0.0.1/32", "::1/128"],
             "graceful_shutdown_s": 10.0,
             "log_level": "info",
+            # a free metrics port per gateway: two on the default one would share it
+            "metrics_port": free_port(),
         },
         # refresh is on by default and would go to gstatic.com: tests never leave loopback
         "allowlist": {"refresh_interval_s": 0},

@@ -11,7 +11,7 @@ import orjson
 
 from gateway.config import Config, parse_config
 from gateway.ingress.app import create_app
-from gateway.ingress.server import ServerThread
+from gateway.ingress.server import ServerThread, free_port
 from gateway.metrics import IngressMetrics
 
 from .conftest import API_VERSION
@@ -24,7 +24,8 @@ EU_WEST4_V6 = "2600:1900:4060::1234"
 
 def gateway_config(bootstrap: str, prefix: str, **sections: Mapping[str, Any]) -> Config:
     data: dict[str, Any] = {
-        "server": {"trusted_proxies": ["127.0.0.1/32", "::1/128"]},
+        # the metrics port on loopback, a free one per gateway (scrape() reads it)
+        "server": {"trusted_proxies": ["127.0.0.1/32", "::1/128"], "metrics_port": free_port()},
         # refresh is on by default and would go to gstatic.com: tests never leave loopback
         "allowlist": {"refresh_interval_s": 0},
         "kafka": {
@@ -32,6 +33,7 @@ def gateway_config(bootstrap: str, prefix: str, **sections: Mapping[str, Any]) -
             "api_version": API_VERSION,
             "topic": f"{prefix}.{{channel}}",
             "dead_letter_topic": f"{prefix}.dlt",
+            "unauthenticated_topic": f"{prefix}.unauthenticated",
             "ack_timeout_s": 3.0,
         },
         "sources": [
@@ -74,6 +76,19 @@ def running_gateway(
     with server.running():
         wait_ready(server.url)
         yield server.url, metrics
+
+
+def operator_url(config: Config) -> str:
+    """Where the gateway serves /metrics and /openapi.json (server.metrics_host/port)."""
+    s = config.server
+    host = f"[{s.metrics_host}]" if ":" in s.metrics_host else s.metrics_host
+    return f"http://{host}:{s.metrics_port}"
+
+
+def scrape(config: Config) -> str:
+    """The gateway's /metrics, from its metrics port."""
+    text: str = httpx.get(f"{operator_url(config)}/metrics", timeout=10).text
+    return text
 
 
 def wait_ready(url: str, timeout_s: float = 30.0) -> None:

@@ -87,7 +87,8 @@ TOPICS = {"partitions": 4, "replication_factor": 3, "min_insync_replicas": 2}
 
 
 def _topics(prefix: str) -> list[str]:
-    return [f"{prefix}.{c}" for c in CHANNELS] + [f"{prefix}.dlt"]
+    """What `gateway topics create` makes: the channels' topics (journey too) and the DLT."""
+    return [f"{prefix}.{c}" for c in (*CHANNELS, "journey")] + [f"{prefix}.dlt"]
 
 
 @contextmanager
@@ -97,7 +98,8 @@ def _gateway(cluster: KafkaCluster, tmp_path: Path, prefix: str) -> Iterator[Gat
         gateway_toml(cluster.bootstrap_servers, prefix, kafka=KAFKA, topics=TOPICS), tmp_path
     )
     out = create_topics(gw.config_path)
-    assert out.count("created (4 partitions, replication factor 3, min.insync.replicas 2)") == 6
+    created = "created (4 partitions, replication factor 3, min.insync.replicas 2)"
+    assert out.count(created) == len(_topics(prefix)), out
     with gw.running():
         yield gw
 

@@ -77,7 +77,10 @@ def _as_declared(value: Any) -> Any:
 
 
 # Keys the example can only show commented out: setting them would change what it configures.
-COMMENTED_ONLY = {"onesignal.apps": {"api_key_file"}}  # api_key_env is set: one of the two
+COMMENTED_ONLY = {  # the other of two keys that exclude each other is set
+    "onesignal.apps": {"api_key_file"},
+    "sources": {"secrets_file"},
+}
 
 
 def test_the_example_sets_every_declared_key_to_its_default() -> None:
@@ -194,10 +197,48 @@ def test_errors_name_the_key(data: dict[str, Any], env: dict[str, str], key: str
 
 def test_secrets_never_print() -> None:
     cfg = parse_config(
-        {"sources": [{"name": "a", "path": "/a", "secrets_env": "X"}]}, env={"X": "hunter2-hunter2"}
+        {"sources": [{"name": "a", "path": "/a", "secrets_env": "X"}]},
+        env={"X": "hunter2-hunter2-hunter2"},
     )
     assert "hunter2" not in repr(cfg) and "hunter2" not in str(cfg.sources[0])
-    assert cfg.sources[0].secrets[0].reveal() == "hunter2-hunter2"
+    assert cfg.sources[0].secrets[0].reveal() == "hunter2-hunter2-hunter2"
+
+
+def _source(**keys: str) -> dict[str, object]:
+    return {"sources": [{"name": "a", "path": "/a", **keys}]}
+
+
+def test_a_secret_shorter_than_16_characters_is_refused_naming_the_variable() -> None:
+    long_one = "x" * 16
+    for value, position in ((f"{long_one},short-secret", 2), ("fifteen-chars-x", 1)):
+        with pytest.raises(ConfigError) as raised:
+            parse_config(_source(secrets_env="ES_SECRETS"), env={"ES_SECRETS": value})
+        message = str(raised.value)
+        assert "sources[0].secrets_env" in message and "$ES_SECRETS" in message, message
+        assert f"comma-separated value {position} is shorter than 16" in message, message
+        assert "short-secret" not in message and "fifteen" not in message
+    cfg = parse_config(_source(secrets_env="S"), env={"S": f" {long_one} , {long_one}y ,"})
+    assert [s.reveal() for s in cfg.sources[0].secrets] == [long_one, long_one + "y"]
+
+
+def test_secrets_file_one_per_line_keeps_commas_and_excludes_secrets_env(tmp_path: Path) -> None:
+    path = tmp_path / "secrets"
+    path.write_text("first,secret-with-a-comma\n\n  second-secret-value-0  \n")
+    cfg = parse_config(_source(secrets_file=str(path)), env={})
+    assert [s.reveal() for s in cfg.sources[0].secrets] == [
+        "first,secret-with-a-comma",
+        "second-secret-value-0",
+    ]
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config(_source(secrets_file=str(path), secrets_env="S"), env={"S": "y" * 20})
+    path.write_text("long-enough-secret-1\ntoo-short\n")
+    with pytest.raises(ConfigError, match=r"secrets_file: .*secrets: secret at line 2 is shorter"):
+        parse_config(_source(secrets_file=str(path)), env={})
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="holds no secret"):
+        parse_config(_source(secrets_file=str(path)), env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_config(_source(secrets_file=str(tmp_path / "absent")), env={})
 
 
 def test_load_config_reports_unreadable_and_invalid_files(tmp_path: Path) -> None:

@@ -169,7 +169,7 @@ def test_tag_rules_take_journey_text_events_in_their_stride() -> None:
 
 
 def _cfg(**sections: Any) -> Any:
-    return parse_config(sections, env={"S": "secret"})
+    return parse_config(sections, env={"S": "secret-of-16-chars"})
 
 
 def test_the_body_limit_must_fit_the_producer_request_with_headroom() -> None:

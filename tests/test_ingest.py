@@ -102,8 +102,24 @@ def test_a_source_anyone_can_post_to_refuses_what_it_cannot_decode(
     assert (decision.status, decision.code) == (status, code) and decision.message
 
 
-def test_an_undecodable_web_push_body_that_decodes_is_still_dead_lettered() -> None:
-    decision = decide(b'{"no": "event"}', WEB, content_type="text/plain")
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"no": "event"}',
+        b'{"event": "message.email.bounced", "notificationId": "n"}',
+        b'{"event": "notification.Snoozed"}',
+        b"[1, 2]",
+    ],
+)
+def test_a_web_push_body_that_decodes_but_is_no_web_sdk_event_is_refused(body: bytes) -> None:
+    # nobody vouches for the sender: nothing of it goes anywhere, not even the dead letters
+    decision = decide(body, WEB, content_type="text/plain")
+    assert isinstance(decision, Refuse) and decision.status == 400
+    assert decision.code in ("not-a-web-sdk-event", "not-an-object") and decision.message
+
+
+def test_the_same_body_from_a_source_with_a_secret_is_dead_lettered() -> None:
+    decision = decide(b'{"no": "event"}', ES, content_type="application/json")
     assert isinstance(decision, DeadLetter) and decision.reason == "no-kind"
 
 
@@ -166,12 +182,14 @@ def test_the_view_of_a_configured_source_carries_the_settings_that_decide() -> N
                 "dead_letter_topic": "x.dlt",
                 "unknown_kinds": "dead-letter",
                 "content_mode": "structured",
+                "unauthenticated_topic": "x.anyone",
             },
             "sources": [
                 {
                     "name": "w",
                     "path": "/w",
                     "format": "web-push",
+                    "cors_origins": ["*"],
                     "app_id": "a",
                     "mapping": {"kind": "/k"},
                 }
@@ -192,4 +210,5 @@ def test_the_view_of_a_configured_source_carries_the_settings_that_decide() -> N
         app_id="a",
         mapping={"kind": "/k"},
         dead_letter_every_body=cfg.sources[0].require_secret,
+        unauthenticated_topic="x.anyone",
     )

@@ -29,8 +29,10 @@ from .ingress_helpers import (
     EU_WEST4_V6,
     SECRET,
     gateway_config,
+    operator_url,
     post,
     running_gateway,
+    scrape,
 )
 
 ES = "/v1/onesignal/events"
@@ -197,11 +199,15 @@ def test_web_push_payloads_from_browsers(env: Env, version: str, event: str, kin
     assert r.status_code == 200, r.text
     assert r.headers["access-control-allow-origin"] == "https://shop.example"
     event_id = r.json()["id"]
-    rec = next(x for x in env.records("push") if header(x.headers, "ce_id") == event_id)
+    # anyone can post here: the record goes to the unauthenticated topic, marked as such
+    rec = next(x for x in env.records("unauthenticated") if header(x.headers, "ce_id") == event_id)
     value = orjson.loads(rec.value)
     assert value["kind"] == kind
     assert value["raw"] == payload
-    assert header(rec.headers, "ce_source") == "onesignal:app/11111111-2222-3333-4444-555555555555"
+    assert value["app_id"] == "11111111-2222-3333-4444-555555555555"
+    assert header(rec.headers, "ce_source") == "gateway:unauthenticated/web-push"
+    assert header(rec.headers, "ce_authtype") == "unauthenticated"
+    assert event_id not in [header(x.headers, "ce_id") for x in env.records("push")]
 
 
 def test_journey_json_and_plain_text(env: Env) -> None:
@@ -323,11 +329,14 @@ def test_health_ready_metrics_openapi(env: Env) -> None:
     assert env.client.get("/healthz").json() == {"status": "alive"}
     ready = env.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["allowlist"]["ranges"] >= 17
-    text = env.client.get("/metrics").text
+    # the operator surface is on its own port; the webhook port does not serve it
+    assert env.client.get("/metrics").status_code == 404
+    assert env.client.get("/openapi.json").status_code == 404
+    text = scrape(env.config)
     assert 'gateway_requests_total{outcome="accepted",source="event-stream"}' in text
     assert 'gateway_requests_total{outcome="forbidden_secret",source="event-stream"}' in text
     assert "gateway_publish_seconds_bucket" in text
     assert SECRET not in text
-    doc = env.client.get("/openapi.json").json()
+    doc = httpx.get(f"{operator_url(env.config)}/openapi.json").json()
     assert set(doc["paths"]) == {ES, WEB, JOURNEY}
     assert doc["components"]["securitySchemes"]["event-stream_secret"]["name"] == "authorization"

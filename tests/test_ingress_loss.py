@@ -23,7 +23,7 @@ from gateway.devkit import samples
 from gateway.devkit.embedded_broker import EmbeddedBroker
 
 from .conftest import read_topic, unique
-from .ingress_helpers import EU_WEST4, SECRET, gateway_config, post, running_gateway
+from .ingress_helpers import EU_WEST4, SECRET, gateway_config, post, running_gateway, scrape
 
 ES = "/v1/onesignal/events"
 JOURNEY = "/v1/onesignal/journey"
@@ -45,7 +45,7 @@ class Env:
         return read_topic(self.bootstrap, f"{self.prefix}.dlt", expect=expect)
 
     def metric(self, name: str) -> str:
-        text: str = self.client.get("/metrics").text
+        text = scrape(self.config)
         return "\n".join(line for line in text.splitlines() if line.startswith(name))
 
 
@@ -74,6 +74,7 @@ def _config(broker: EmbeddedBroker, prefix: str, **kafka: Any) -> Config:
                 "path": WEB,
                 "format": "web-push",
                 "app_id": "11111111-2222-3333-4444-555555555555",
+                "cors_origins": ["*"],
             },
         ],
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -17,13 +19,9 @@ from gateway.config import MAPPABLE_FIELDS
 from gateway.core.event import NormalizationError, NormalizedEvent, Received
 from gateway.core.kinds import EVENT_STREAM_KINDS
 from gateway.core.normalize import assemble, content_id, normalize
-from gateway.core.normalize.hashes import (
-    _json_scalar,
-    _literal_hash,
-    _parse_hash_string,
-    _plain_hash,
-)
+from gateway.core.normalize.hashes import _json_scalar, _parse_hash_string, _read_hash
 from gateway.core.normalize.liquid import _liquid_fields, _liquid_fields_by_index
+from gateway.core.normalize.web_push import WEB_SDK_EVENTS
 from gateway.devkit import samples
 
 # 1700000000 is 2023-11-14T22:13:20Z; 1708559115 is 2024-02-21T23:45:15Z.
@@ -397,7 +395,9 @@ def test_a_very_long_hash_string_is_left_as_text() -> None:
         ({"plan": "gold", "n": 3}, {"plan": "gold", "n": 3}),
         ('{"plan"=>"gold", "vip"=>true, "gone"=>nil}', {"plan": "gold", "vip": True}),
         ("{'plan': 'gold', 'big': 10**100}", None),  # expressions are never evaluated
-        ("{'plan': 'gold', 'set': {1, 2}}", {"plan": "gold"}),  # only JSON-safe values
+        # a nested value is not a shape OneSignal renders: the text is not read as a hash
+        ("{'plan': 'gold', 'set': {1, 2}}", None),
+        ('{"plan": "gold", "list": [1]}', {"plan": "gold"}),  # JSON: only JSON-safe values
         ('{"plan": "gold"}', {"plan": "gold"}),
         ("not a hash", None),
         ({}, None),
@@ -577,6 +577,9 @@ def test_every_mappable_field_is_covered() -> None:
 @pytest.mark.parametrize("fmt", ["event-stream", "journey", "web-push"])
 def test_every_mappable_field_can_be_mapped(field: str, fmt: str) -> None:
     given_value, expected = MAPPED_VALUE.get(field, (f"mapped-{field}", f"mapped-{field}"))
+    if fmt == "web-push" and field == "kind":
+        # a mapped name is held to the Web SDK's names like the one in 'event'
+        given_value, expected = "notification.dismissed", "message.push.dismissed"
     body = {
         "event": "notification.clicked",
         "event.kind": "message.push.sent",
@@ -726,25 +729,57 @@ def test_web_push_ids_differ_between_display_and_click_and_repeat_for_retries() 
     assert normalize(dict(reversed(list(clicked.items()))), fmt="web-push").id == b.id
 
 
-def test_web_push_unknown_event_names_pass_through() -> None:
-    ev = normalize({"event": "notification.Snoozed", "notificationId": "n"}, fmt="web-push")
-    assert (ev.kind, ev.channel, ev.action) == ("message.push.snoozed", "push", "snoozed")
+@pytest.mark.parametrize(
+    "name",
+    [
+        "message.email.bounced",  # another channel's kind: a forged bounce
+        "message.push.clicked",  # the gateway's own spelling is not what the SDK sends
+        "notification.Snoozed",
+        "notification.willdisplay",  # the SDK's names are case-sensitive
+        "Notification.clicked",
+        " notification.clicked",
+        "notification.clicked ",
+        "notification.click",
+        "notification.",
+        "",
+    ],
+)
+def test_web_push_refuses_every_name_the_web_sdk_does_not_send(name: str) -> None:
+    with pytest.raises(NormalizationError) as err:
+        normalize({"event": name, "notificationId": "n"}, fmt="web-push")
+    assert err.value.reason == "not-a-web-sdk-event"
 
 
 @pytest.mark.parametrize(
     "body",
-    [
-        {"notificationId": "n"},
-        {"event": ""},
-        {"event": None},
-        {"event": {}},
-        {"event": "notification. "},
-    ],
+    [{"notificationId": "n"}, {"event": None}, {"event": {}}, {"event": ["notification.clicked"]}],
 )
 def test_web_push_without_an_event_name(body: dict[str, Any]) -> None:
     with pytest.raises(NormalizationError) as err:
         normalize(body, fmt="web-push")
-    assert err.value.reason == "no-kind"
+    assert err.value.reason == "not-a-web-sdk-event"
+
+
+@given(st.text(max_size=40))
+def test_web_push_kinds_are_only_the_four_sdk_names(name: str) -> None:
+    try:
+        ev = normalize({"event": name, "notificationId": "n"}, fmt="web-push")
+    except NormalizationError as exc:
+        assert name not in WEB_SDK_EVENTS
+        assert exc.reason == "not-a-web-sdk-event"
+    else:
+        assert name in WEB_SDK_EVENTS
+        assert ev.kind == WEB_SDK_EVENTS[name]
+        assert ev.channel == "push"
+
+
+def test_the_web_sdk_names_are_v15_and_v16() -> None:
+    assert dict(WEB_SDK_EVENTS) == {
+        "notification.willDisplay": "message.push.displayed",
+        "notification.displayed": "message.push.displayed",
+        "notification.clicked": "message.push.clicked",
+        "notification.dismissed": "message.push.dismissed",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,7 +915,10 @@ def test_normalize_only_ever_raises_normalization_error(
     try:
         ev = normalize(payload, fmt=fmt, mapping=mapping, default_app_id=default_app_id)
     except NormalizationError as exc:
-        assert exc.reason in ("not-an-object", "no-kind")
+        assert exc.reason in ("not-an-object", "no-kind", "not-a-web-sdk-event")
+        assert (exc.reason == "not-a-web-sdk-event") == (
+            fmt == "web-push" and exc.reason != "not-an-object"
+        )
         return
     assert ev.raw is payload
     assert ev.kind and ev.channel and ev.action and ev.id
@@ -895,7 +933,12 @@ def test_normalize_only_ever_raises_normalization_error(
 def test_normalized_events_always_serialize_to_a_kafka_value(
     body: dict[str, Any], kind: str, fmt: str
 ) -> None:
-    payload = {**body, "event.kind": kind, "event": kind}
+    # web-push takes the Web SDK's names only: a name of its own there is refused (above)
+    payload = {
+        **body,
+        "event.kind": kind,
+        "event": "notification.clicked" if fmt == "web-push" else kind,
+    }
     ev = normalize(payload, fmt=fmt)
     received = Received(source="s", at=datetime(2024, 1, 1, tzinfo=UTC), client_ip="203.0.113.1")
     orjson.dumps(ev.to_value(received), option=orjson.OPT_NON_STR_KEYS)
@@ -1064,25 +1107,163 @@ def hash_texts(draw: st.DrawFn) -> str:
     return "{" + space + inner + "}"
 
 
+def _ruby_hash_as_python(text: str) -> str:
+    """The old reader's Ruby step: ``=>`` and ``nil``/``true``/``false`` outside quotes."""
+    words = {"nil": "None", "true": "True", "false": "False"}
+
+    def unquoted(part: str) -> str:
+        return re.sub(r"\b(nil|true|false)\b", lambda m: words[m.group(1)], part.replace("=>", ":"))
+
+    out: list[str] = []
+    start, quote, i = 0, "", 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                out.append(text[start : i + 1])
+                start, quote = i + 1, ""
+        elif ch in "'\"":
+            out.append(unquoted(text[start:i]))
+            start, quote = i, ch
+        i += 1
+    tail = text[start:]
+    out.append(tail if quote else unquoted(tail))
+    return "".join(out)
+
+
+def _literal_oracle(text: str) -> dict[Any, Any] | None:
+    """What the gateway read before the bounded reader: JSON, then ast.literal_eval twice."""
+    errors = (ValueError, SyntaxError, RecursionError, MemoryError, TypeError)
+    try:
+        parsed = orjson.loads(text)
+    except ValueError:
+        try:
+            parsed = ast.literal_eval(text)
+        except errors:
+            try:
+                parsed = ast.literal_eval(_ruby_hash_as_python(text))
+            except errors:
+                return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ast on "\\:" escapes
+@pytest.mark.filterwarnings("ignore::SyntaxWarning")
 @settings(max_examples=600, deadline=None)
 @given(text=hash_texts() | HASH_TEXT.map(lambda t: "{" + t + "}"))
-def test_the_plain_hash_reader_agrees_with_the_literal_parsers(text: str) -> None:
-    plain = _plain_hash(text)
-    if plain is not None:
-        assert plain == _literal_hash(text)
-    expected = _literal_hash(text.strip()) if len(text.strip()) >= 2 else None
-    kept = (
-        None
-        if expected is None
-        else {k: v for k, v in expected.items() if isinstance(k, str) and _json_scalar(v)}
+def test_the_bounded_hash_reader_agrees_with_the_literal_parsers(text: str) -> None:
+    # what it accepts, ast.literal_eval (or its Ruby step) reads to the same map
+    read = _read_hash(text)
+    if read is not None:
+        assert read == _literal_oracle(text)
+        assert all(isinstance(k, str) and _json_scalar(v) for k, v in read.items())
+    parsed = _parse_hash_string(text)
+    if parsed is not None:
+        expected = _literal_oracle(text.strip())
+        assert expected is not None
+        assert parsed == {
+            k: v for k, v in expected.items() if isinstance(k, str) and _json_scalar(v)
+        }
+
+
+_ESCAPES = st.sampled_from(
+    ["\\\\", "\\'", '\\"', "\\n", "\\t", "\\r", "\\u00e9", "\\x41", "\\u2603"]
+)
+_CHARS = st.characters(exclude_characters="'\"\\\n\r\x00", exclude_categories=["Cs"])
+
+
+@st.composite
+def _quoted(draw: st.DrawFn) -> str:
+    quote = draw(st.sampled_from(["'", '"']))
+    parts = draw(st.lists(_ESCAPES | _CHARS | st.just("'" if quote == '"' else '"'), max_size=6))
+    return quote + "".join(parts) + quote
+
+
+@st.composite
+def accepted_hashes(draw: st.DrawFn) -> str:
+    """Texts of exactly the grammar the bounded reader takes, with every kind of value."""
+    space = st.sampled_from(["", " ", "  ", "\t", "\n"])
+    value = (
+        _quoted()
+        | st.integers(-(2**63), 2**64 - 1).map(str)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        .map(repr)
+        .filter(
+            lambda t: (
+                re.fullmatch(r"-?(0|[1-9][0-9]{0,19})(\.[0-9]{1,20})?(e[+-]?[0-9]{1,3})?", t)
+                is not None
+            )
+        )
+        | st.sampled_from(["nil", "None", "true", "True", "false", "False"])
     )
-    assert _parse_hash_string(text) == kept
+    members = [
+        draw(_quoted())
+        + draw(space)
+        + draw(st.sampled_from([":", "=>"]))
+        + draw(space)
+        + draw(value)
+        for _ in range(draw(st.integers(0, 4)))
+    ]
+    comma = draw(space) + "," + draw(space)
+    tail = draw(st.sampled_from(["", ",", " , "])) if members else ""
+    return "{" + draw(space) + comma.join(members) + tail + draw(space) + "}"
 
 
-def test_the_localized_samples_take_the_plain_reader() -> None:
-    for text in ("{'en':'Flash Sale: 50% Off Today','es':'Oferta'}", '{"en"=>"Hi", "fr"=>"S"}'):
-        assert _plain_hash(text) is not None
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::SyntaxWarning")
+@settings(max_examples=400, deadline=None)
+@given(text=accepted_hashes())
+def test_every_text_of_the_accepted_grammar_reads_as_the_literal_parsers_read_it(text: str) -> None:
+    read = _read_hash(text)
+    assert read is not None, text
+    assert read == _literal_oracle(text)
+
+
+def test_the_localized_samples_are_read_by_the_bounded_reader() -> None:
+    cases = {
+        "{'en':'Flash Sale: 50% Off Today','es':'Oferta'}": {
+            "en": "Flash Sale: 50% Off Today",
+            "es": "Oferta",
+        },
+        '{"en"=>"Hi", "fr"=>"S"}': {"en": "Hi", "fr": "S"},
+        '{"en" => "Hi", "n" => 3, "x" => nil, "ok" => true}': {
+            "en": "Hi",
+            "n": 3,
+            "x": None,
+            "ok": True,
+        },
+        "{'en': 'It\\'s \\u00e9t\\xe9', }": {"en": "It's \u00e9t\xe9"},
+        "{}": {},
+    }
+    for text, expected in cases.items():
+        assert _read_hash(text) == expected, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{'a': 1 + 1}",  # expressions
+        "{'a': (1, 2)}",  # nesting
+        "{'a': {'b': 1}}",
+        "{'a': '\\ud800'}",  # a lone surrogate by escape
+        "{'\\udc00': 'x'}",
+        "{'a': '\\N{BULLET}'}",  # escapes the two languages do not share
+        "{'a': '\\e'}",
+        "{'a': r'x'}",  # prefixes
+        "{'a': 'x' 'y'}",  # implicit concatenation
+        "{1: 'a'}",  # keys are strings
+        "{'a': 1}}",
+        "{'a': 01}",
+        "{'a': " + "9" * 30 + "}",  # beyond 20 digits
+        "{,}",
+        "{'a'}",
+    ],
+)
+def test_the_bounded_hash_reader_refuses_other_shapes(text: str) -> None:
+    assert _read_hash(text) is None
 
 
 def test_cached_hash_strings_give_each_caller_its_own_dict() -> None:

@@ -192,7 +192,15 @@ def test_compose_runs_real_subcommands_on_the_configured_ports() -> None:
         assert svc["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
 
     gw_cfg, ts_cfg = _compose_config("gateway"), _compose_config("tag-sync")
-    assert _published(gw) == {gw_cfg.server.port: gw_cfg.server.port}
+    assert _published(gw) == {
+        gw_cfg.server.port: gw_cfg.server.port,
+        gw_cfg.server.metrics_port: gw_cfg.server.metrics_port,
+    }
+    # the operator surface: published on the host's loopback only, never on the webhook port
+    metrics_spec = [p for p in gw["ports"] if p.endswith(f":{gw_cfg.server.metrics_port}")]
+    assert metrics_spec == [f"127.0.0.1:{gw_cfg.server.metrics_port}:{gw_cfg.server.metrics_port}"]
+    assert gw_cfg.server.metrics_port != gw_cfg.server.port
+    assert "0.0.0.0" in (gw_cfg.server.metrics_host, ts_cfg.tag_sync.metrics_host)
     assert gw_cfg.server.host == "0.0.0.0", "the ingress must listen beyond the container"
     assert ts_cfg.tag_sync.metrics_port in _published(ts)
     health = urlsplit(_service_env(ts)["GATEWAY_HEALTHCHECK_URL"])
@@ -259,7 +267,7 @@ def test_dockerfile_is_slim_non_root_one_image_with_a_healthcheck() -> None:
     (cmd,) = [json.loads(args) for word, args in final if word == "CMD"]
     assert cmd[0] in _subcommands()
     exposed = {int(p) for word, args in final if word == "EXPOSE" for p in args.split()}
-    assert {ServerConfig.port, TagSyncConfig.metrics_port} <= exposed
+    assert {ServerConfig.port, ServerConfig.metrics_port, TagSyncConfig.metrics_port} <= exposed
     env = " ".join(args for word, args in final if word == "ENV")
     config_path = re.search(r"GATEWAY_CONFIG=(\S+)", env)
     health_url = re.search(r"GATEWAY_HEALTHCHECK_URL=(\S+)", env)
@@ -292,7 +300,7 @@ def test_prometheus_scrapes_both_services_on_their_ports() -> None:
         for job in prom["scrape_configs"]
     }
     cfg = _compose_config("gateway")
-    assert targets["gateway"] == ("/metrics", [f"gateway:{cfg.server.port}"])
+    assert targets["gateway"] == ("/metrics", [f"gateway:{cfg.server.metrics_port}"])
     assert targets["tag-sync"] == ("/metrics", [f"tag-sync:{cfg.tag_sync.metrics_port}"])
     mounts = {
         v.split(":")[1]: v.split(":")[0] for v in _compose()["services"]["prometheus"]["volumes"]

@@ -19,7 +19,7 @@ import pytest
 from gateway.config import KafkaConfig
 from gateway.core.records import KafkaRecord
 from gateway.devkit.embedded_broker import EmbeddedBroker
-from gateway.kafka import Unavailable, create_sink
+from gateway.kafka import Unavailable, create_sink, wire
 from gateway.kafka.process import ProcessSink
 from gateway.kafka.thread import KafkaSink
 from gateway.metrics import IngressMetrics
@@ -122,6 +122,37 @@ def test_records_cross_the_process_boundary_exactly(broker: EmbeddedBroker) -> N
     same_user = [p for p, r in zip(placed, records, strict=True) if r.key == b"same-user"]
     assert len({p for p, _ in same_user}) == 1  # one key, one partition ...
     assert [o for _, o in same_user] == sorted(o for _, o in same_user)  # ... in send order
+
+
+def test_acks_come_back_gathered_per_round_of_the_sender(broker: EmbeddedBroker) -> None:
+    """The child writes the results its sender thread settled in one round as one frame (a
+    frame and a system call per ack cost about as much as kafka-python's own send); an
+    immediate failure still comes at once. Needs kafka-python's Sender.run_once."""
+    topic = unique("pp-gather")
+    records = [KafkaRecord(topic, f"u{i % 7}".encode(), b"v" * 2000, []) for i in range(600)]
+
+    async def run() -> list[int]:
+        sink = ProcessSink(
+            kafka_config(broker.bootstrap_servers), IngressMetrics(process=False), (topic,)
+        )
+        sizes: list[int] = []
+        on_frame = sink._on_frame
+
+        def counting(kind: int, payload: bytes) -> None:
+            if kind == wire.RESULTS:
+                sizes.append(len(wire.loads(payload)))
+            on_frame(kind, payload)
+
+        sink._on_frame = counting  # type: ignore[method-assign]
+        async with started(sink):
+            results = await asyncio.gather(*(sink.publish(r) for r in records))
+        assert len({(r.partition, r.offset) for r in results}) == len(records)
+        return sizes
+
+    sizes = asyncio.run(run())
+    assert sum(sizes) == len(records)  # every ack came back, once
+    assert len(sizes) <= len(records) // 10, f"{len(sizes)} frames for {len(records)} acks"
+    assert max(sizes) > 1
 
 
 def test_no_broker_fails_within_max_block_ms() -> None:

@@ -127,3 +127,43 @@ def test_cached_partitioner_agrees_with_kafka_pythons_default() -> None:
                 assert ours.partition("t", None, key, None, b"", cluster) == theirs.partition(
                     "t", None, key, None, b"", cluster
                 )
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_an_unauthenticated_event_says_so_in_its_attributes_source_and_topic(mode: str) -> None:
+    rec = build_record(
+        _event(kind="message.push.clicked", channel="push", action="clicked"),
+        RECEIVED,
+        topic_template="os.{channel}",
+        source_name="web-push",
+        content_mode=mode,
+        authenticated=False,
+        unauthenticated_topic="os.unauthenticated",
+    )
+    assert rec.topic == "os.unauthenticated"
+    attrs, _ = decode_record(rec.headers, rec.value)
+    assert attrs["authtype"] == "unauthenticated"
+    # never the app's source: a consumer keyed on onesignal:app/... does not see it
+    assert attrs["source"] == "gateway:unauthenticated/web-push"
+    if mode == "binary":
+        assert header(rec.headers, "ce_authtype") == "unauthenticated"
+    else:
+        assert orjson.loads(rec.value)["authtype"] == "unauthenticated"
+    # any CloudEvents SDK reads the extension attribute
+    sdk = from_kafka_event(KafkaMessage(headers=dict(rec.headers), key=rec.key, value=rec.value))
+    assert sdk.get_extension("authtype") == "unauthenticated"
+
+
+def test_without_an_unauthenticated_topic_the_channel_topic_is_used_still_marked() -> None:
+    rec = build_record(
+        _event(), RECEIVED, topic_template="os.{channel}", source_name="w", authenticated=False
+    )
+    assert rec.topic == "os.email"
+    assert header(rec.headers, "ce_authtype") == "unauthenticated"
+
+
+def test_an_authenticated_event_carries_no_authtype() -> None:
+    rec = build_record(_event(), RECEIVED, topic_template="os.{channel}", source_name="es")
+    attrs, _ = decode_record(rec.headers, rec.value)
+    assert "authtype" not in attrs
+    assert attrs["source"] == "onesignal:app/app-1"

@@ -170,7 +170,7 @@ def test_a_refused_key_holds_the_backlog_until_the_rotated_key_is_read(
         for r in ("http-401", "http-403", "retries-exhausted")
     )
     try:
-        with running(cfg):
+        with running(cfg, topics_exist=False):  # produced to once it runs
             # the old key works: one round delivered and committed on both topics
             produce(broker, topic, clicks(APP, users, 0), partition=0)
             produce(broker, other, clicks(OTHER, ["o1"], 0), partition=0)

@@ -348,3 +348,228 @@ def test_app_limiter_answers_as_the_reference_window(
         else:
             assert not isinstance(got, float)
             out.append((got, want))
+
+
+# -- coalescing and offset tracking: rules a mutation run found unheld (docs/testing.md) -----
+
+
+def test_coalescer_needs_at_least_one_key_per_request() -> None:
+    with pytest.raises(ValueError) as raised:
+        Coalescer(flush_interval_s=1.0, max_keys=0)
+    assert str(raised.value) == "max_keys must be at least 1"
+    one = Coalescer(flush_interval_s=0.0, max_keys=1)
+    one.add(A, {"a": "1", "b": "2"}, (1.0, 1), src(1), now=0.0)
+    assert one.take(A).chunks == ({"a": "1"}, {"b": "2"})
+
+
+def test_coalescer_counts_every_superseded_value() -> None:
+    c = Coalescer(flush_interval_s=1.0, max_keys=100)
+    c.add(A, {"x": "1", "y": "1", "z": "1"}, (10.0, 1), src(1), now=0.0)
+    res = c.add(A, {"x": "2", "y": "2"}, (11.0, 2), src(2), now=0.1)  # two pending ones lose
+    assert res.attached and res.superseded == 2
+    c.take(A)
+    late = c.add(A, {"x": "0", "y": "0", "w": "2"}, (9.0, 0), src(3), now=0.2)
+    assert late.superseded == 2  # x and y: older than what was sent; w is new
+    c.finish(A, now=0.3)
+    assert c.take(A).tags == {"w": "2"}
+
+
+def test_a_redelivered_record_is_sent_again_not_dropped_as_older() -> None:
+    """After a crash before its commit, a record comes again with the same (time, offset):
+    it is not older than what was sent, so it is sent again (the first send may have failed)."""
+    c = Coalescer(flush_interval_s=0.0, max_keys=100)
+    c.add(A, {"x": "v"}, (10.0, 7), src(7), now=0.0)
+    c.take(A)
+    c.finish(A, now=0.0)
+    again = c.add(A, {"x": "v"}, (10.0, 7), src(7), now=1.0)
+    assert again.attached and again.superseded == 0
+    assert c.take(A).tags == {"x": "v"}
+
+
+def test_coalescer_accessors_for_users_with_and_without_pending_updates() -> None:
+    c = Coalescer(flush_interval_s=2.0, max_keys=100)
+    assert c.first_at(A) is None and c.last_source(A) is None and c.sources(A) == ()
+    assert c.users() == [] and c.next_due() is None
+    c.add(A, {"x": "1"}, (1.0, 1), src(1), now=5.0)
+    c.add(B, {"x": "1"}, (1.0, 2), src(2), now=6.0)
+    c.add(A, {"y": "1"}, (2.0, 3), src(3), now=7.0)
+    assert c.users() == [A, B]
+    assert c.first_at(A) == 5.0
+    assert c.last_source(A) == src(3)
+    assert c.sources(A) == (src(1), src(3))
+    assert c.next_due() == 7.0  # A's window: first event at 5.0 plus 2.0
+    c.take(A)
+    assert c.users() == [B] and c.sources(A) == () and c.first_at(A) is None
+
+
+def test_a_user_taken_and_finished_is_not_due_again_from_an_old_heap_entry() -> None:
+    c = Coalescer(flush_interval_s=1.0, max_keys=100)
+    c.add(A, {"x": "1"}, (1.0, 1), src(1), now=0.0)
+    c.defer(A, until=1.5)  # a second heap entry for A
+    assert list(c.pop_due(1.0)) == [A]
+    c.take(A)
+    c.finish(A, now=1.1)
+    assert list(c.pop_due(2.0)) == []  # the deferred entry finds nothing pending
+    assert len(c) == 0 and c.in_flight == 0
+
+
+def test_what_arrives_during_a_request_waits_its_own_window_after_it() -> None:
+    c = Coalescer(flush_interval_s=10.0, max_keys=100)
+    c.add(A, {"x": "1"}, (1.0, 1), src(1), now=0.0)
+    assert list(c.pop_due(10.0)) == [A]
+    c.take(A)
+    c.add(A, {"x": "2"}, (2.0, 2), src(2), now=12.0)  # while A's request is in flight
+    assert list(c.pop_due(100.0)) == []  # in flight: not due, whatever the time
+    c.finish(A, now=13.0)
+    assert c.next_due() == 22.0  # 12.0 + 10.0, not at once
+    assert list(c.pop_due(21.9)) == []
+    assert list(c.pop_due(22.0)) == [A]
+
+
+def test_sent_values_are_remembered_oldest_forgotten_first() -> None:
+    c = Coalescer(flush_interval_s=0.0, max_keys=100, memory=2)
+    for i, key in enumerate(("a", "b")):
+        c.add(A, {key: "new"}, (10.0, i), src(i), now=0.0)
+        c.take(A)
+        c.finish(A, now=0.0)
+    # memory=2 holds both: older values for either are superseded
+    assert c.add(A, {"a": "old"}, (1.0, 0), src(9), now=0.0).superseded == 1
+    assert c.add(A, {"b": "old"}, (1.0, 0), src(9), now=0.0).superseded == 1
+    c.add(A, {"c": "new"}, (10.0, 5), src(5), now=0.0)
+    c.take(A)
+    c.finish(A, now=0.0)
+    # "c" pushed out the oldest, "a"; "b" and "c" are still held
+    assert c.add(A, {"a": "old"}, (1.0, 0), src(9), now=0.0).superseded == 0
+    assert c.add(A, {"b": "old"}, (1.0, 0), src(9), now=0.0).superseded == 1
+    assert c.add(A, {"c": "old"}, (1.0, 0), src(9), now=0.0).superseded == 1
+
+
+def test_the_default_memory_holds_a_hundred_thousand_sent_values() -> None:
+    c = Coalescer(flush_interval_s=0.0, max_keys=100_001)
+    keys = [f"k{i:06d}" for i in range(100_001)]
+    c.add(A, dict.fromkeys(keys, "v"), (10.0, 1), src(1), now=0.0)
+    c.take(A)  # remembered in key order: k000000 first, so forgotten first
+    c.finish(A, now=0.0)
+    assert c.add(A, {keys[0]: "old"}, (1.0, 0), src(2), now=0.0).superseded == 0
+    assert c.add(A, {keys[1]: "old"}, (1.0, 0), src(2), now=0.0).superseded == 1
+
+
+def test_offsets_read_again_from_an_earlier_point_start_over() -> None:
+    t = OffsetTracker()
+    for off in (5, 6, 7):
+        t.add("p", off, done=off == 5)
+    t.add("p", 6)  # the consumer went back (a seek, a re-assignment)
+    assert t.outstanding("p") == 1 and t.committable("p") is None  # 5's done-ness is gone
+    t.add("p", 7, done=True)
+    t.add("p", 7)  # the same offset again is going back too
+    assert t.outstanding("p") == 1 and t.committable("p") is None
+    t.mark_done("p", 7)
+    assert t.committable("p") == 8
+
+
+def test_offsets_polled_done_and_counted_per_partition_and_overall() -> None:
+    t = OffsetTracker()
+    t.add("p", 1)
+    assert t.committable("p") is None  # nothing done yet
+    t.add("p", 2, done=True)
+    t.add("q", 1, done=True)
+    assert t.outstanding("p") == 2 and t.outstanding("q") == 1 and t.outstanding() == 3
+    assert t.committable("q") == 2 and t.outstanding() == 2
+    assert sorted(t.partitions()) == ["p", "q"]
+    t.mark_done("p", 1)
+    assert t.committable("p") == 3
+    t.drop("q")
+    t.drop("never-seen")  # dropping an unknown partition is harmless
+    assert t.partitions() == ["p"] and t.outstanding("q") == 0
+    t.add("q", 0)  # re-assigned: tracked afresh (0 is not "going back" from before)
+    t.mark_done("q", 0)
+    assert t.committable("q") == 1
+
+
+# -- limiter, backoff and classification edges a mutation run found unheld -------------------
+
+
+def test_classify_2xx_ends_at_299() -> None:
+    assert classify(299) is Outcome.OK
+    assert classify(300) is Outcome.PERMANENT
+
+
+def test_retry_after_fractions_negatives_and_zoneless_dates() -> None:
+    now = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("0.5", now) == 0.5
+    assert parse_retry_after("-1.5", now) == 0.0
+    # "-0000" means "no zone information" (RFC 5322): read as UTC
+    assert parse_retry_after("Tue, 01 Dec 2026 12:00:10 -0000", now) == 10.0
+    # without ``now``, against the real clock, in UTC
+    assert parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT") > 86400
+    assert parse_retry_after("Thu, 01 Jan 2015 00:00:00 -0000") == 0.0
+
+
+def test_app_limiter_rate_must_be_positive() -> None:
+    for rate in (0, -1.0):
+        with pytest.raises(ValueError) as raised:
+            AppLimiter(rate)
+        assert str(raised.value) == "rate must be positive"
+    assert AppLimiter(2.5).rate == 2.5
+
+
+def test_releasing_a_slot_twice_counts_it_once() -> None:
+    lim = AppLimiter(1.0)  # one request per 1 s window
+    slot = lim.reserve(0.0)
+    assert isinstance(slot, list)
+    lim.release(slot, 0.5)
+    lim.release(slot, 0.7)  # a second release of the same slot: no effect
+    assert lim.reserve(1.49) == pytest.approx(0.01)  # one answer, at 0.5
+    assert isinstance(lim.reserve(1.5), list)
+
+
+def test_throttling_cuts_the_rate_once_per_window_and_recovers_by_steps() -> None:
+    lim = AppLimiter(10.0)  # n = 10, window = 1 s
+    lim.throttle(0.0, pause_s=0.1)
+    lim.throttle(0.5, pause_s=0.1)  # same window: no second cut
+    assert lim.factor == 0.5
+    lim.throttle(1.0, pause_s=0.1)  # exactly one window later: a new cut
+    assert lim.factor == 0.25 and lim.allowance == 2
+    lim.success()
+    assert lim.factor == pytest.approx(0.35)  # + 1/n per success
+    for _ in range(20):
+        lim.success()
+    assert lim.factor == 1.0 and lim.allowance == 10  # never above the configured rate
+
+
+def test_user_limiter_forgets_idle_users_every_4096_marks() -> None:
+    lim = UserLimiter(1.0)
+    for i in range(2047):
+        lim.mark(i, 0.0)
+    lim.mark("mid", 10.0)  # the 2048th: the others' interval has passed, but no pruning yet
+    assert len(lim) == 2048
+    for i in range(2048, 4095):
+        lim.mark(i, 0.0)
+    assert len(lim) == 4095  # no pruning before the 4096th mark
+    lim.mark("recent", 10.0)  # the 4096th: prunes everyone whose interval has passed
+    assert len(lim) == 2 and lim.wait("recent", 10.5) == 0.5
+    for i in range(4095):
+        lim.mark(i, 10.0)
+    assert len(lim) == 4097
+    lim.mark("last", 10.5)  # the 8192nd: nobody's interval has passed yet
+    assert len(lim) == 4098
+
+
+def test_user_limiter_prune_forgets_exactly_at_the_interval() -> None:
+    lim = UserLimiter(1.0)
+    lim.mark("a", 0.0)
+    lim.mark("b", 0.5)
+    lim.prune(1.0)  # "a" may send again at 1.0: nothing left to remember
+    assert len(lim) == 1 and lim.wait("b", 1.0) == 0.5 and lim.wait("a", 1.0) == 0.0
+
+
+def test_a_dropped_partition_forgets_what_was_done_in_it() -> None:
+    t = OffsetTracker()
+    for off in (4, 5):
+        t.add("p", off)
+    t.mark_done("p", 5)  # 4 is not done: 5 stays uncommitted
+    t.drop("p")  # revoked
+    for off in (4, 5):  # assigned again, read again from the committed offset
+        t.add("p", off)
+    t.mark_done("p", 4)
+    assert t.committable("p") == 5  # 5 is not done in this assignment

@@ -215,3 +215,52 @@ def test_derived_values_are_strings_or_skipped(
 def test_reserved_keys_always_rejected(key: str, upper: bool) -> None:
     with pytest.raises(ConfigError):
         compile_rules([TagRule(kinds=("*",), tags={key.upper() if upper else key: "1"})])
+
+
+def test_unauthenticated_events_are_ignored_unless_a_rule_accepts_them() -> None:
+    compiled = rules(
+        {"kinds": ("message.push.*",), "tags": {"strict": "1"}},
+        {"kinds": ("message.push.clicked",), "tags": {"open": "1"}, "accept_unauthenticated": True},
+    )
+    verified = derive(compiled, event())
+    assert verified.tags == {"strict": "1", "open": "1"} and verified.unauthenticated == 0
+    anyone = derive(compiled, event(), authenticated=False)
+    assert anyone.tags == {"open": "1"}
+    assert (anyone.matched, anyone.unauthenticated) == (1, 1)
+    only_strict = derive(compiled[:1], event(), authenticated=False)
+    assert only_strict.tags == {} and (only_strict.matched, only_strict.unauthenticated) == (0, 1)
+
+
+def test_the_unauthenticated_topic_is_consumed_only_when_a_rule_accepts_its_events() -> None:
+    def topics(accept: bool, **kafka: Any) -> tuple[str, ...]:
+        cfg = parse_config(
+            {
+                "kafka": {"topic": "os.{channel}", **kafka},
+                "tag_sync": {
+                    "rules": [
+                        {"kinds": ["*"], "tags": {"a": "1"}, "accept_unauthenticated": accept}
+                    ]
+                },
+            },
+            env={},
+        )
+        return cfg.tag_sync.resolved_topics(cfg.kafka.topic, cfg.kafka.unauthenticated_topic)
+
+    assert "onesignal.unauthenticated" not in topics(False)
+    assert topics(True)[-1] == "onesignal.unauthenticated"
+    assert "os.push" in topics(True)
+    assert "" not in topics(True, unauthenticated_topic="")
+
+
+def test_the_journey_topic_is_consumed_only_when_a_rule_asks_for_journey_events() -> None:
+    def topics(rule: dict[str, Any]) -> tuple[str, ...]:
+        cfg = parse_config(
+            {"kafka": {"topic": "os.{channel}"}, "tag_sync": {"rules": [rule]}}, env={}
+        )
+        return cfg.tag_sync.resolved_topics(cfg.kafka.topic, cfg.kafka.unauthenticated_topic)
+
+    catch_all = topics({"kinds": ["*"], "tags": {"a": "1"}})
+    assert "os.journey" not in catch_all and "os.push" in catch_all  # message events only
+    assert "os.journey" in topics({"kinds": ["journey.webhook*"], "tags": {"step": "1"}})
+    by_channel = topics({"kinds": ["*"], "channels": ["journey"], "tags": {"a": "1"}})
+    assert by_channel.count("os.journey") == 1 and "os.email" in by_channel

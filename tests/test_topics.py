@@ -64,9 +64,8 @@ def test_plan_create_and_check(
     path = _config(tmp_path / "gw.toml", cluster3.bootstrap_servers, prefix, partitions=3)
     cfg = load_config(path, env={"T_SECRETS": SECRET})
     names = gateway_topics(cfg)
-    assert names == [f"{prefix}.{c}" for c in ("push", "email", "sms", "iam", "live_activity")] + [
-        f"{prefix}.dlt"
-    ]
+    channels = ("push", "email", "sms", "iam", "live_activity", "journey")
+    assert names == [f"{prefix}.{c}" for c in channels] + [f"{prefix}.dlt"]
 
     capsys.readouterr()
     assert cli.main(["topics", "plan", "--config", str(path)]) == 0

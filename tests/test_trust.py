@@ -544,3 +544,77 @@ def test_unquote(value: str, expected: str | None) -> None:
 )
 def test_forwarded_pairs(element: str, expected: ClientIP) -> None:
     assert resolve_fwd(element) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules the mutation run found unheld (docs/testing.md, "Mutation testing")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1.2.3.4:065535",  # six digits, in range as a number: still not a port
+        "[2001:db8::1]:065535",
+        "1.2.3.4:000080",
+    ],
+)
+def test_a_port_has_at_most_five_digits(text: str) -> None:
+    assert parse_ip(text) is None
+    assert parse_ip(text.replace(":0", ":", 1)) is not None  # the five-digit form is one
+
+
+@pytest.mark.parametrize("text", ["\x0b1.2.3.4", "1.2.3.4\x0c", "\n::1", "\r[::1]:80"])
+def test_parse_ip_strips_only_space_and_tab(text: str) -> None:
+    assert parse_ip(text) is None
+    assert parse_ip(f" \t{text.strip()}\t ") is not None
+
+
+def test_classify_says_an_unreadable_hop_is_not_trusted() -> None:
+    # a fresh set: PROXIES' memo may already hold these texts from other tests
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    assert proxies.classify("garbage") == (None, False)
+    assert proxies.classify("10.1.2.3:80") == ("10.1.2.3", True)
+    assert proxies.classify("203.0.113.9") == ("203.0.113.9", False)
+
+
+def test_an_empty_pair_is_skipped_not_the_end_of_the_element() -> None:
+    assert resolve_fwd(";for=1.2.3.4") == ClientIP("1.2.3.4", via_proxy=True)
+    assert resolve_fwd("proto=https;;for=1.2.3.4") == ClientIP("1.2.3.4", via_proxy=True)
+
+
+def test_a_for_value_holding_equals_is_still_a_for_pair() -> None:
+    # The name ends at the first "=": 'for="x=y"' is a for= pair (unreadable), so a second
+    # for= in the element is a repeated parameter and the element fails closed.
+    assert resolve_fwd('for="x=y";for=1.2.3.4') == ClientIP("10.0.0.1", malformed=True)
+    assert resolve_fwd('for="x=y"') == ClientIP("10.0.0.1", malformed=True)
+
+
+def test_a_vertical_tab_element_is_an_unreadable_hop_not_an_empty_one() -> None:
+    # only space and tab make an element empty (skipped); "\x0b" is an element we cannot read
+    assert resolve_fwd("for=1.2.3.4, \x0b") == ClientIP("10.0.0.1", malformed=True)
+    assert resolve_fwd("for=1.2.3.4, \t") == ClientIP("1.2.3.4", via_proxy=True)
+
+
+def test_an_unreadable_hop_behind_a_trusted_one_keeps_via_proxy() -> None:
+    # the answer is the nearest trusted hop, which did come from the header
+    assert resolve_client_ip("10.0.0.1", xff("garbage, 10.0.0.5"), PROXIES) == ClientIP(
+        "10.0.0.5", via_proxy=True, malformed=True
+    )
+    assert resolve_client_ip(
+        "10.0.0.1", fwd("for=unknown, for=10.0.0.5"), PROXIES, "forwarded"
+    ) == (ClientIP("10.0.0.5", via_proxy=True, malformed=True))
+    # an element without for= is a hop we cannot read, as is "unknown"
+    assert resolve_fwd("proto=https, for=10.0.0.5") == ClientIP(
+        "10.0.0.5", via_proxy=True, malformed=True
+    )
+    assert resolve_client_ip("10.0.0.1", fwd('for="1.2.3.4'), PROXIES, "forwarded") == ClientIP(
+        "10.0.0.1", via_proxy=False, malformed=True
+    )
+
+
+def test_an_unknown_proxy_header_names_the_ones_it_takes() -> None:
+    with pytest.raises(ValueError) as raised:
+        resolve_client_ip("10.0.0.1", [], PROXIES, "x-real-ip")
+    assert str(raised.value) == (
+        "proxy header must be one of x-forwarded-for, forwarded, got 'x-real-ip'"
+    )

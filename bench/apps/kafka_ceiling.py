@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import threading
 import time
 from datetime import UTC, datetime
@@ -44,7 +45,7 @@ def bench_record() -> KafkaRecord:
     return dataclasses.replace(record, topic=TOPIC)
 
 
-def _vm_hwm_kb() -> int:
+def vm_hwm_kb() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -52,20 +53,47 @@ def _vm_hwm_kb() -> int:
     return 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--window", type=int, default=1000)
-    args = parser.parse_args()
+@dataclasses.dataclass
+class Sent:
+    """What :func:`send_windowed` measured over its measured pass (the warm-up left out)."""
 
-    config = load_config(args.config)
-    record = bench_record()
-    producer = KafkaProducer(**producer_options(config.kafka))
-    producer.partitions_for(TOPIC)
+    acked: int
+    failed: int  # over the whole run, the warm-up included: a failure is never left out
+    seconds: float
+    cpu_s: float  # this process, every thread
+    latencies: list[float]  # seconds from send to ack, sorted
 
-    slots = threading.BoundedSemaphore(args.window)
+    @classmethod
+    def since(
+        cls, began: float, cpu_at_start: float, acked: int, failed: int, latencies: list[float]
+    ) -> Sent:
+        """The pass that began at ``began`` (perf_counter) and ``cpu_at_start``, ending now."""
+        return cls(
+            acked=acked,
+            failed=failed,
+            seconds=time.perf_counter() - began,
+            cpu_s=process_cpu_s() - cpu_at_start,
+            latencies=sorted(latencies),
+        )
+
+    def pct(self, p: float) -> float:
+        """The ``p`` quantile of the ack latencies, in milliseconds."""
+        if not self.latencies:
+            return float("nan")
+        return self.latencies[min(len(self.latencies) - 1, int(p * len(self.latencies)))] * 1000
+
+
+def process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def send_windowed(
+    producer: Any, topic: str, record: KafkaRecord, window: int, warmup: float, duration: float
+) -> Sent:
+    """Sends ``record`` from this thread whenever fewer than ``window`` are unacknowledged
+    (the sender thread's callbacks free the slots), for ``warmup`` then ``duration`` seconds."""
+    slots = threading.BoundedSemaphore(window)
     lock = threading.Lock()
     acked = 0
     failed = 0
@@ -87,44 +115,56 @@ def main() -> None:
             failed += 1
 
     start = time.perf_counter()
-    measure_from = start + args.warmup
-    measure_to = measure_from + args.duration
+    measure_from = start + warmup
+    measure_to = measure_from + duration
     acked_at_start = 0
+    cpu_at_start = 0.0
     while True:
         now = time.perf_counter()
         if not measuring and now >= measure_from:
             with lock:
                 acked_at_start = acked
+                cpu_at_start = process_cpu_s()
                 measuring = True
         if now >= measure_to:
             break
         slots.acquire()
         sent_at = time.perf_counter()
-        fut = producer.send(TOPIC, value=record.value, key=record.key, headers=record.headers)
+        fut = producer.send(topic, value=record.value, key=record.key, headers=record.headers)
         fut.add_callback(lambda meta, t=sent_at: on_ack(t, meta))
         fut.add_errback(on_error)
     with lock:
-        acked_in_window = acked - acked_at_start
-        window_latencies = sorted(latencies)
-    elapsed = time.perf_counter() - measure_from
+        sent = Sent.since(measure_from, cpu_at_start, acked - acked_at_start, failed, latencies)
+        measuring = False
     producer.flush(timeout=30)
-    producer.close(timeout=10)
+    return sent
 
-    def pct(p: float) -> float:
-        if not window_latencies:
-            return float("nan")
-        return window_latencies[min(len(window_latencies) - 1, int(p * len(window_latencies)))]
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--window", type=int, default=1000)
+    args = parser.parse_args()
+
+    config = load_config(args.config)
+    record = bench_record()
+    producer = KafkaProducer(**producer_options(config.kafka))
+    producer.partitions_for(TOPIC)
+    sent = send_windowed(producer, TOPIC, record, args.window, args.warmup, args.duration)
+    producer.close(timeout=10)
 
     print(
         orjson.dumps(
             {
-                "records_per_s": acked_in_window / elapsed,
-                "acked": acked_in_window,
-                "failed": failed,
-                "p50_ms": pct(0.50) * 1000,
-                "p99_ms": pct(0.99) * 1000,
+                "records_per_s": sent.acked / sent.seconds,
+                "acked": sent.acked,
+                "failed": sent.failed,
+                "p50_ms": sent.pct(0.50),
+                "p99_ms": sent.pct(0.99),
                 "value_bytes": len(record.value),
-                "peak_rss_kb": _vm_hwm_kb(),
+                "peak_rss_kb": vm_hwm_kb(),
             }
         ).decode(),
         flush=True,

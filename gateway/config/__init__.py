@@ -11,6 +11,7 @@ in :class:`Secret`, whose ``repr`` and ``str`` never show them.
 from gateway.config._checks import MAPPABLE_FIELDS, USER_HEADER_FIELDS
 from gateway.config._model import (
     CHANNELS,
+    MIN_SECRET_CHARS,
     RECORD_HEADROOM_BYTES,
     SOURCE_FORMATS,
     AllowlistConfig,
@@ -22,16 +23,19 @@ from gateway.config._model import (
     Secret,
     ServerConfig,
     SourceConfig,
+    SpoolConfig,
     TagRule,
     TagSyncConfig,
     TopicsConfig,
+    TracingConfig,
 )
-from gateway.config._parse import load_config, parse_config, read_api_key
+from gateway.config._parse import load_config, parse_config, read_api_key, secret_by_default
 from gateway.config._schema import ConfigError
 
 __all__ = [
     "CHANNELS",
     "MAPPABLE_FIELDS",
+    "MIN_SECRET_CHARS",
     "RECORD_HEADROOM_BYTES",
     "SOURCE_FORMATS",
     "USER_HEADER_FIELDS",
@@ -45,10 +49,13 @@ __all__ = [
     "Secret",
     "ServerConfig",
     "SourceConfig",
+    "SpoolConfig",
     "TagRule",
     "TagSyncConfig",
     "TopicsConfig",
+    "TracingConfig",
     "load_config",
     "parse_config",
     "read_api_key",
+    "secret_by_default",
 ]

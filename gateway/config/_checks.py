@@ -83,6 +83,27 @@ def topic_name(key: str, topic: str) -> str:
     return topic
 
 
+def origins(key: str, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Serialized origins as browsers send them in ``Origin`` (scheme://host[:port]), or "*"."""
+    for i, value in enumerate(values):
+        if value == "*":
+            continue
+        if not re.fullmatch(r"https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", value):
+            raise ConfigError(
+                f"{key}[{i}]",
+                f"{value!r} is not an origin: scheme://host[:port] in lowercase, no path or"
+                ' trailing slash (https://shop.example), or "*" for any',
+            )
+    return values
+
+
+def optional_topic_name(key: str, topic: str) -> str:
+    """Empty, or a plain topic name (no ``{channel}``: input never chooses it)."""
+    if topic and (not _TOPIC_RE.match(topic)):
+        raise ConfigError(key, f"not a valid Kafka topic name (no placeholders): {topic!r}")
+    return topic
+
+
 def topic_template(key: str, template: str) -> str:
     try:
         template.format(channel="push")

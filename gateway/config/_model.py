@@ -11,6 +11,7 @@ from gateway.config._schema import Setting
 
 __all__ = [
     "CHANNELS",
+    "MIN_SECRET_CHARS",
     "RECORD_HEADROOM_BYTES",
     "SOURCE_FORMATS",
     "AllowlistConfig",
@@ -22,9 +23,11 @@ __all__ = [
     "Secret",
     "ServerConfig",
     "SourceConfig",
+    "SpoolConfig",
     "TagRule",
     "TagSyncConfig",
     "TopicsConfig",
+    "TracingConfig",
 ]
 
 from gateway.core.kinds import CHANNELS as CHANNELS  # core owns the vocabularies
@@ -34,6 +37,9 @@ from gateway.core.kinds import SOURCE_FORMATS as SOURCE_FORMATS
 # (records.build_dead_letter caps each of them so that their sum stays below this), the key and
 # the record batch framing. A body up to ``kafka.max_request_size`` minus this always fits.
 RECORD_HEADROOM_BYTES = 4096
+# A shared secret shorter than this is refused at start-up: it is guessable, and a short value
+# would also be scrubbed from log lines where it merely occurs as a word.
+MIN_SECRET_CHARS = 16
 # kafka-python's default max_request_size, below Kafka's default message.max.bytes (1048588).
 _KAFKA_MAX_REQUEST_SIZE = 1_048_576
 
@@ -65,6 +71,18 @@ class Secret:
 class ServerConfig:
     host: Annotated[str, Setting("address the HTTP server listens on")] = "0.0.0.0"
     port: Annotated[int, Setting("TCP port of the HTTP server", minimum=0)] = 8080
+    # the operator surface is nobody's business on the public port; loopback unless an
+    # operator opens it (0.0.0.0 in a container that Prometheus scrapes over the network)
+    metrics_host: Annotated[
+        str, Setting("address of /metrics and /openapi.json (never on server.port)")
+    ] = "127.0.0.1"
+    metrics_port: Annotated[
+        int,
+        Setting(
+            "TCP port of /metrics and /openapi.json; 0 = off; shared by every worker",
+            minimum=0,
+        ),
+    ] = 9101
     trusted_proxies: Annotated[
         tuple[str, ...],
         Setting(
@@ -89,6 +107,21 @@ class ServerConfig:
     max_json_depth: Annotated[
         int, Setting("deeper JSON is dead-lettered (too-deep); 400 on web-push", minimum=2)
     ] = 64
+    max_head_bytes: Annotated[
+        int,
+        Setting("request line + header fields, in bytes; larger heads answer 431", minimum=1024),
+    ] = 65536
+    max_header_count: Annotated[
+        int, Setting("header fields in a request head; more answer 431", minimum=8)
+    ] = 100
+    head_timeout_s: Annotated[
+        float,
+        Setting(
+            "seconds for a complete request head, from connect or a reused connection's first"
+            " byte; then 408",
+            minimum=0.1,
+        ),
+    ] = 30.0
     timeout_keep_alive: Annotated[
         int, Setting("seconds; above the Google LB's fixed 600 s backend keep-alive", minimum=1)
     ] = 620
@@ -107,7 +140,18 @@ class ServerConfig:
     log_level: Annotated[
         str, Setting("log level", choices=("debug", "info", "warning", "error"))
     ] = "info"
-    access_log: Annotated[bool, Setting("log every request")] = False
+    access_log: Annotated[bool, Setting("log every request (paths without query strings)")] = False
+    refusal_log_lines: Annotated[
+        int,
+        Setting(
+            "refusal lines (403, bad request heads) written per interval for each source and"
+            " reason; the rest are counted in a summary line and the metrics",
+            minimum=0,
+        ),
+    ] = 10
+    refusal_log_interval_s: Annotated[
+        float, Setting("seconds: the interval of refusal_log_lines", minimum=0.1)
+    ] = 60.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +209,13 @@ class KafkaConfig:
     dead_letter_topic: Annotated[
         str, Setting("where unreadable or refused events go", check=checks.topic_name)
     ] = "onesignal.dead-letter"
+    unauthenticated_topic: Annotated[
+        str,
+        Setting(
+            "events of sources without a secret (web-push); empty = the topic template",
+            check=checks.optional_topic_name,
+        ),
+    ] = "onesignal.unauthenticated"
     content_mode: Annotated[
         str,
         Setting(
@@ -174,10 +225,19 @@ class KafkaConfig:
     unknown_kinds: Annotated[
         str,
         Setting(
-            "what happens to event kinds OneSignal has not documented",
+            "event kinds OneSignal has not documented, of a known channel: publish or"
+            " dead-letter (an unknown channel: unknown_channel_topic)",
             choices=("publish", "dead-letter"),
         ),
     ] = "publish"
+    unknown_channel_topic: Annotated[
+        str,
+        Setting(
+            "where events of an unknown channel go (a body never names a topic); empty = the"
+            " dead-letter topic",
+            check=checks.optional_topic_name,
+        ),
+    ] = ""
     producer: Annotated[
         str,
         Setting(
@@ -290,6 +350,72 @@ class TopicsConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry traces (off by default; needs the ``tracing`` extra)."""
+
+    enabled: Annotated[
+        bool, Setting("a span per request, per record's PATCH; W3C trace context propagated")
+    ] = False
+    exporter: Annotated[
+        str,
+        Setting(
+            "otlp: OTLP/HTTP (protobuf) to endpoint; console: JSON lines on stdout",
+            choices=("otlp", "console"),
+        ),
+    ] = "otlp"
+    endpoint: Annotated[str, Setting("the OTLP/HTTP traces endpoint")] = (
+        "http://localhost:4318/v1/traces"
+    )
+    headers_env: Annotated[
+        str, Setting('environment variable with exporter headers, "k1=v1,k2=v2" (auth)')
+    ] = ""
+    timeout_s: Annotated[float, Setting("per export request", minimum=0.1)] = 10.0
+    service_name: Annotated[str, Setting("resource service.name")] = "onesignal-kafka-gateway"
+    sample_ratio: Annotated[
+        float,
+        Setting(
+            "share of new traces recorded; a request that carries a sampled traceparent is "
+            "always recorded (parent-based)",
+            minimum=0,
+        ),
+    ] = 1.0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    """A durable local spool: what Kafka cannot take is written here (fsynced) and answered
+    2xx, then delivered to Kafka, oldest first and in order per key, when it is back."""
+
+    enabled: Annotated[
+        bool, Setting("on: requests Kafka cannot take are spooled to disk; one worker only")
+    ] = False
+    dir: Annotated[
+        str,
+        Setting("the spool directory, owned by one process (a lock); a volume per replica"),
+    ] = "/var/lib/gateway/spool"
+    max_bytes: Annotated[
+        int, Setting("spool size on disk; when full, 503 with Retry-After", minimum=4096)
+    ] = 1073741824
+    segment_bytes: Annotated[
+        int,
+        Setting(
+            "a segment file is closed past this size; deleted once all of it is delivered",
+            minimum=4096,
+        ),
+    ] = 16 * 1024 * 1024
+    skip_corrupt: Annotated[
+        bool,
+        Setting("start past damage in the middle of a segment (the damaged bytes are lost)"),
+    ] = False
+    drain_batch: Annotated[
+        int, Setting("spooled records sent to Kafka at a time while draining", minimum=1)
+    ] = 256
+    drain_retry_s: Annotated[
+        float, Setting("while Kafka is away, how often the drain tries one record", minimum=0.05)
+    ] = 1.0
+
+
+@dataclass(frozen=True)
 class DedupeConfig:
     window_s: Annotated[
         float,
@@ -324,16 +450,89 @@ class SourceConfig:
     ] = "authorization"  # noqa: S105 - a header name, not a secret
     secrets_env: Annotated[
         str,
-        Setting("environment variable with the accepted secrets, comma-separated (for rotation)"),
+        Setting(
+            "environment variable with the accepted secrets, comma-separated (for rotation;"
+            f" a comma always separates); each at least {MIN_SECRET_CHARS} characters"
+        ),
     ] = ""
-    secrets: tuple[Secret, ...] = ()  # read from secrets_env
+    secrets_file: Annotated[
+        str,
+        Setting(
+            "or: a file with the accepted secrets, one per line (commas kept; blank lines"
+            " skipped); not with secrets_env"
+        ),
+    ] = ""
+    secrets: tuple[Secret, ...] = ()  # read from secrets_env or secrets_file
     require_secret: Annotated[
         bool, Setting("refuse requests without an accepted secret", default_note=_WEB_PUSH_OFF)
     ] = True
     app_id: Annotated[str, Setting("used when the payload carries no app id")] = ""
     cors_origins: Annotated[
-        tuple[str, ...], Setting("web-push only: origins allowed to POST from browsers")
-    ] = ("*",)
+        tuple[str, ...],
+        Setting(
+            'web-push only, and required there: the origins allowed to POST (others: 403); "*"'
+            " = any",
+            check=checks.origins,
+        ),
+    ] = ()
+    client_rate_limit: Annotated[
+        float,
+        Setting(
+            "sources without a secret: requests/s per client address (IPv6: per /64), then"
+            " 429; 0 = off",
+            minimum=0,
+            default_note="0 when require_allowlisted_ip: OneSignal's own few addresses",
+        ),
+    ] = 5.0
+    client_rate_burst: Annotated[
+        int,
+        Setting("requests a client address may send at once before the rate applies", minimum=1),
+    ] = 30
+    client_rate_table: Annotated[
+        int,
+        Setting(
+            "client addresses tracked, about 230 bytes each (the least recently seen is forgotten)",
+            minimum=1,
+        ),
+    ] = 65536
+    verify_subscriptions: Annotated[
+        bool,
+        Setting(
+            "web-push only: look the posted subscription id up in app_id's OneSignal app (needs"
+            " its [[onesignal.apps]] key); unknown ones are refused"
+        ),
+    ] = False
+    verify_cache_ttl_s: Annotated[
+        float, Setting("how long a subscription found in OneSignal is believed", minimum=1)
+    ] = 3600.0
+    verify_miss_ttl_s: Annotated[
+        float, Setting("how long a subscription OneSignal does not know stays refused", minimum=1)
+    ] = 600.0
+    verify_cache_size: Annotated[
+        int,
+        Setting("subscription ids remembered, found or not (about 260 bytes each)", minimum=1),
+    ] = 100_000
+    verify_rate_limit: Annotated[
+        float,
+        Setting(
+            "lookups/s to OneSignal (its view endpoints allow 1 per second per app)", minimum=0.01
+        ),
+    ] = 1.0
+    verify_timeout_s: Annotated[
+        float,
+        Setting(
+            "a request waits at most this for its lookup (queue included), then unverified",
+            minimum=0.1,
+        ),
+    ] = 3.0
+    verify_unreachable: Annotated[
+        str,
+        Setting(
+            "no answer from OneSignal in time (or no lookup left): store the event marked"
+            " subscriptioncheck=unchecked, or refuse it (503)",
+            choices=("mark", "refuse"),
+        ),
+    ] = "mark"
     mapping: Annotated[
         Mapping[str, str],
         Setting(
@@ -387,6 +586,10 @@ class TagRule:
     delete: Annotated[tuple[str, ...], Setting("tag keys to delete")] = ()
     channels: Annotated[tuple[str, ...], Setting("only events of these channels; empty = all")] = ()
     apps: Annotated[tuple[str, ...], Setting("only events of these app ids; empty = all")] = ()
+    accept_unauthenticated: Annotated[
+        bool,
+        Setting("also events of sources without a secret (web-push: anyone can forge them)"),
+    ] = False
 
 
 @dataclass(frozen=True)
@@ -394,7 +597,11 @@ class TagSyncConfig:
     group_id: Annotated[str, Setting("Kafka consumer group")] = "onesignal-tag-sync"
     topics: Annotated[
         tuple[str, ...],
-        Setting("topics to consume; empty = the kafka.topic template for every channel"),
+        Setting(
+            "topics to consume; empty = the kafka.topic template for every message channel"
+            " (and for journey when a rule names it in channels or kinds, and"
+            " kafka.unauthenticated_topic when a rule has accept_unauthenticated)"
+        ),
     ] = ()
     alias_label: Annotated[
         str,
@@ -469,6 +676,9 @@ class TagSyncConfig:
     shutdown_timeout_s: Annotated[
         float, Setting("SIGTERM: time to finish in-flight requests before committing", minimum=0)
     ] = 10.0
+    metrics_host: Annotated[
+        str, Setting("address of the worker's /metrics (0.0.0.0: every interface)")
+    ] = "127.0.0.1"
     metrics_port: Annotated[
         int, Setting("Prometheus /metrics of the worker; 0 = off", minimum=0)
     ] = 9102
@@ -478,10 +688,24 @@ class TagSyncConfig:
     ] = 30.0
     rules: tuple[TagRule, ...] = ()  # [[tag_sync.rules]]
 
-    def resolved_topics(self, template: str) -> tuple[str, ...]:
+    def resolved_topics(self, template: str, unauthenticated_topic: str = "") -> tuple[str, ...]:
+        """The topics to consume: ``topics``, else every channel's, plus the unauthenticated
+        topic when a rule accepts its events."""
         if self.topics:
             return self.topics
-        return tuple(dict.fromkeys(template.format(channel=c) for c in CHANNELS))
+        names = [template.format(channel=c) for c in CHANNELS]
+        if any(_names_journey(r) for r in self.rules):
+            # Journey webhooks' events are on a topic of their own; read it only for a rule
+            # that asks for them, so that a catch-all rule keeps to message events
+            names.append(template.format(channel="journey"))
+        if unauthenticated_topic and any(r.accept_unauthenticated for r in self.rules):
+            names.append(unauthenticated_topic)
+        return tuple(dict.fromkeys(names))
+
+
+def _names_journey(rule: TagRule) -> bool:
+    """The rule asks for Journey webhooks' events: by channel, or by a kind of theirs."""
+    return "journey" in rule.channels or any(k.startswith("journey") for k in rule.kinds)
 
 
 @dataclass(frozen=True)
@@ -491,7 +715,9 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     topics: TopicsConfig = field(default_factory=TopicsConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     sources: tuple[SourceConfig, ...] = ()
     onesignal: OneSignalConfig = field(default_factory=OneSignalConfig)
     tag_sync: TagSyncConfig = field(default_factory=TagSyncConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     path: str = ""

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from gateway.config._checks import USER_HEADER_FIELDS, header_name
 from gateway.config._model import (
+    MIN_SECRET_CHARS,
     RECORD_HEADROOM_BYTES,
     AllowlistConfig,
     Config,
@@ -21,15 +22,23 @@ from gateway.config._model import (
     Secret,
     ServerConfig,
     SourceConfig,
+    SpoolConfig,
     TagRule,
     TagSyncConfig,
     TopicsConfig,
+    TracingConfig,
 )
 from gateway.config._schema import ConfigError, Table, read_key, read_keys
 
-__all__ = ["load_config", "parse_config", "read_api_key"]
+__all__ = ["load_config", "parse_config", "read_api_key", "secret_by_default"]
 
 T = TypeVar("T")
+
+
+def secret_by_default(fmt: str) -> bool:
+    """Whether a source of format ``fmt`` requires a secret (and an allowlisted address) unless
+    its table says otherwise: all but web push, which browsers send."""
+    return fmt != "web-push"
 
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
@@ -41,9 +50,13 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     kafka = _read_kafka(root.table("kafka"), env, server)
     topics = _read(TopicsConfig, root.table("topics"), _min_insync_within_replication)
     dedupe = _read(DedupeConfig, root.table("dedupe"))
+    spool = _read(SpoolConfig, root.table("spool"))
+    _one_spool_owner(server, spool)
     sources = _read_sources(root.tables("sources"), env)
     onesignal = _read_onesignal(root.table("onesignal"), env)
+    _verified_sources_have_a_key(sources, onesignal)
     tag_sync = _read_tag_sync(root.table("tag_sync"))
+    tracing = _read(TracingConfig, root.table("tracing"), _ratio_at_most_one)
     root.finish()
     return Config(
         server=server,
@@ -51,9 +64,11 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         kafka=kafka,
         dedupe=dedupe,
         topics=topics,
+        spool=spool,
         sources=sources,
         onesignal=onesignal,
         tag_sync=tag_sync,
+        tracing=tracing,
     )
 
 
@@ -107,6 +122,7 @@ def _read_kafka(table: Table, env: Mapping[str, str], server: ServerConfig) -> K
     _stall_beyond_delivery(kafka)
     _delivery_covers_linger_and_request(kafka)
     _body_fits_a_request(server, kafka)
+    _metrics_port_of_its_own(server)
     table.finish()
     return kafka
 
@@ -125,14 +141,29 @@ def _read_sources(tables: list[Table], env: Mapping[str, str]) -> tuple[SourceCo
 
 def _read_source(table: Table, env: Mapping[str, str]) -> SourceConfig:
     fmt = read_key(SourceConfig, table, "format")
-    browsers = fmt == "web-push"  # browsers send these: no allowlist, no secret by default
+    browsers = not secret_by_default(fmt)  # browsers send these: no allowlist, no secret
+    # OneSignal sends from a few addresses at thousands of events/s: a per-address rate would
+    # refuse its events, so it is off by default where only allowlisted senders get in
+    # (the key's type is checked by read_keys below)
+    allowlisted = table.data.get("require_allowlisted_ip", not browsers) is not False
     values = read_keys(
         SourceConfig,
         table,
-        defaults={"require_allowlisted_ip": not browsers, "require_secret": not browsers},
+        defaults={
+            "require_allowlisted_ip": not browsers,
+            "require_secret": not browsers,
+            "client_rate_limit": 0.0 if allowlisted else 5.0,
+        },
     )
     values["secrets"] = _source_secrets(table.name, values, env)
     values["id_header"], values["user_headers"] = _source_headers(table.name, values)
+    if browsers and not values["cors_origins"]:
+        # a browser sends its page's Origin; without a list, every site could post here
+        raise ConfigError(
+            f"{table.name}.cors_origins",
+            'required on a web-push source: the origins of your site (["https://shop.example"]),'
+            ' or ["*"] to accept a POST from any origin',
+        )
     table.finish()
     return SourceConfig(**values)
 
@@ -140,15 +171,45 @@ def _read_source(table: Table, env: Mapping[str, str]) -> SourceConfig:
 def _source_secrets(
     name: str, values: dict[str, Any], env: Mapping[str, str]
 ) -> tuple[Secret, ...]:
-    var = values["secrets_env"]
-    raw = env.get(var, "") if var else ""
-    secrets = tuple(Secret(p.strip()) for p in raw.split(",") if p.strip())
+    """The accepted secrets: ``secrets_env`` split at every comma, or ``secrets_file``'s lines.
+
+    Errors name the variable or the file (and the secret's position), never a value.
+    """
+    var, path = values["secrets_env"], values["secrets_file"]
+    if var and path:
+        raise ConfigError(f"{name}.secrets_file", "set secrets_env or secrets_file, not both")
+    if path:
+        where = f"{name}.secrets_file"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(where, f"{path} is not UTF-8 text") from None
+        parts = [line.strip() for line in text.splitlines()]
+        source, unit = path, "line"
+        numbered = [(i + 1, p) for i, p in enumerate(parts) if p]
+    else:
+        where = f"{name}.secrets_env"
+        raw = env.get(var, "") if var else ""
+        source, unit = f"${var}", "comma-separated value"
+        numbered = [(i + 1, p.strip()) for i, p in enumerate(raw.split(",")) if p.strip()]
+    for number, secret in numbered:
+        if len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                where,
+                f"{source}: secret at {unit} {number} is shorter than {MIN_SECRET_CHARS}"
+                " characters",
+            )
+    secrets = tuple(Secret(secret) for _, secret in numbered)
     if values["require_secret"] and not secrets:
-        why = "is not set or empty" if var else "is required when require_secret = true"
-        raise ConfigError(
-            f"{name}.secrets_env",
-            f"{var or 'secrets_env'} {why} (comma-separated accepted secrets)",
-        )
+        if path:
+            why = f"{path} holds no secret"
+        elif var:
+            why = f"{var} is not set or empty"
+        else:
+            why = "secrets_env is required when require_secret = true"
+        raise ConfigError(where, f"{why} (comma-separated accepted secrets, or secrets_file)")
     return secrets
 
 
@@ -215,6 +276,27 @@ def _read_rule(table: Table) -> TagRule:
 # rules that span keys
 
 
+def _verified_sources_have_a_key(
+    sources: tuple[SourceConfig, ...], onesignal: OneSignalConfig
+) -> None:
+    for i, source in enumerate(sources):
+        if not source.verify_subscriptions:
+            continue
+        key = f"sources[{i}].verify_subscriptions"
+        if source.format != "web-push":
+            raise ConfigError(key, 'only applies to format = "web-push"')
+        if not source.app_id:
+            raise ConfigError(key, "needs the source's app_id: the app the subscriptions are in")
+        app = next((a for a in onesignal.apps if a.app_id == source.app_id), None)
+        if app is None or app.api_key is None:
+            where = "has no key (set its api_key_env or api_key_file)" if app else "is missing"
+            raise ConfigError(
+                key,
+                f"needs the app's REST API key: the [[onesignal.apps]] entry for app_id"
+                f" {source.app_id} {where}",
+            )
+
+
 def _refresh_is_consistent(allowlist: AllowlistConfig) -> None:
     if allowlist.refresh_interval_s and not allowlist.refresh_url:
         raise ConfigError(
@@ -255,10 +337,35 @@ def _body_fits_a_request(server: ServerConfig, kafka: KafkaConfig) -> None:
         )
 
 
+def _metrics_port_of_its_own(server: ServerConfig) -> None:
+    # the webhook port faces the internet: the operator surface never shares it
+    if server.metrics_port and server.metrics_port == server.port:
+        raise ConfigError(
+            "server.metrics_port",
+            f"must differ from server.port ({server.port}): /metrics and /openapi.json are"
+            " never served on the webhook port (0 turns them off)",
+        )
+
+
 def _min_insync_within_replication(topics: TopicsConfig) -> None:
     if topics.min_insync_replicas > topics.replication_factor:
         raise ConfigError(
             "topics.min_insync_replicas",
             f"must not exceed topics.replication_factor ({topics.replication_factor}):"
             " no write could ever be acknowledged",
+        )
+
+
+def _ratio_at_most_one(t: TracingConfig) -> None:
+    if t.sample_ratio > 1:
+        raise ConfigError("tracing.sample_ratio", f"must be at most 1, got {t.sample_ratio}")
+
+
+def _one_spool_owner(server: ServerConfig, spool: SpoolConfig) -> None:
+    # one process owns a spool directory (a lock): worker processes would share one
+    if spool.enabled and server.workers > 1:
+        raise ConfigError(
+            "spool.enabled",
+            f"one process owns a spool directory, but server.workers = {server.workers}: run"
+            " one worker per replica (and a volume per replica) with the spool on",
         )

@@ -16,6 +16,7 @@ __all__ = [
     "EVENT_STREAM_KINDS",
     "KNOWN_KINDS",
     "SOURCE_FORMATS",
+    "TOPIC_CHANNELS",
     "canonical_kind",
     "split_kind",
 ]
@@ -24,6 +25,10 @@ __all__ = [
 SOURCE_FORMATS = ("event-stream", "journey", "web-push")
 # The message channels of OneSignal's kinds (``message.<channel>.<action>``); a topic each.
 CHANNELS = ("push", "email", "sms", "iam", "live_activity")
+# The channels that name a topic (``kafka.topic``): the message channels and Journey webhooks.
+# Input never adds one: an event of another channel (``message.whatsapp.sent``, a kind with no
+# channel) is dead-lettered or goes to ``kafka.unknown_channel_topic`` (core/ingest.py).
+TOPIC_CHANNELS = (*CHANNELS, "journey")
 
 # The Event Streams kind reference (26 kinds), channel by channel.
 EVENT_STREAM_KINDS: frozenset[str] = frozenset(
@@ -155,9 +160,10 @@ def _channel_token(text: str) -> str:
 def split_kind(kind: str) -> tuple[str, str]:
     """(channel, action) of a kind, e.g. ``("push", "clicked")``.
 
-    The channel names a Kafka topic, so it is always a ``[a-z0-9_]+`` token; ``unknown`` when
-    the kind does not say. ``message.<channel>.<action>`` is OneSignal's shape, so a future
-    channel (``message.whatsapp.sent``) still gets its own name.
+    The channel is always a ``[a-z0-9_]+`` token; ``unknown`` when the kind does not say.
+    ``message.<channel>.<action>`` is OneSignal's shape, so a future channel
+    (``message.whatsapp.sent``) still gets its own name in the event, but only the
+    :data:`TOPIC_CHANNELS` name a topic.
     """
     text = canonical_kind(kind)
     parts = text.split(".")

@@ -9,26 +9,39 @@ An event whose sender gave no id carries the extension attribute ``idgenerated``
 its ``id`` is a fresh UUID made by the gateway, so two records with it are two events, and a
 consumer must not look for OneSignal's retries by it. (CloudEvents extension names are
 lowercase letters and digits only: no ``id_generated``.)
+
+An event from a source without a secret (web push: anyone can post to it) carries the
+extension attribute ``authtype`` with the value ``unauthenticated`` (the attribute and value of
+the CloudEvents Auth Context extension), a ``source`` of its own
+(``gateway:unauthenticated/<source name>``, never the app's ``onesignal:app/...``), and goes to
+the unauthenticated topic when one is configured: nothing it says is OneSignal's word.
+Records of sources with a secret carry no ``authtype``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from gateway.core.event import NormalizedEvent, Received, rfc3339
+from gateway.core.schema import DATASCHEMA
 
 __all__ = [
+    "UNAUTHENTICATED",
     "KafkaRecord",
     "build_dead_letter",
     "build_record",
     "decode_record",
     "header",
     "record_size",
+    "with_attributes",
 ]
+
+# the Auth Context extension's value for "no principal proved itself"
+UNAUTHENTICATED = "unauthenticated"
 
 # Caps on what a dead letter's headers may hold, so that they stay well inside
 # config.RECORD_HEADROOM_BYTES whatever the request carried.
@@ -61,9 +74,18 @@ def build_record(
     topic_template: str,
     source_name: str,
     content_mode: str = "binary",
+    authenticated: bool = True,
+    unauthenticated_topic: str = "",
 ) -> KafkaRecord:
-    """The Kafka record for one normalized event, keyed by its user."""
-    topic = topic_template.format(channel=event.channel or "unknown")
+    """The Kafka record for one normalized event, keyed by its user.
+
+    ``authenticated`` False: the sender proved nothing (see the module docstring); the record
+    goes to ``unauthenticated_topic`` when it is set, else to its channel's topic.
+    """
+    if not authenticated and unauthenticated_topic:
+        topic = unauthenticated_topic
+    else:
+        topic = topic_template.format(channel=event.channel or "unknown")
     subject = event.subject
     key = subject.encode() if subject else None
     value = event.to_value(received)
@@ -71,12 +93,19 @@ def build_record(
         "specversion": "1.0",
         "id": event.id,
         "type": event.ce_type,
-        "source": event.ce_source(source_name),
+        "source": (
+            event.ce_source(source_name)
+            if authenticated
+            else f"gateway:{UNAUTHENTICATED}/{source_name}"
+        ),
+        "dataschema": DATASCHEMA,
     }
     if subject:
         attrs["subject"] = subject
     if value["occurred_at"] is not None:
         attrs["time"] = value["occurred_at"]
+    if not authenticated:
+        attrs["authtype"] = UNAUTHENTICATED
     generated = not event.id_from_payload
     if content_mode == "structured":
         body: dict[str, Any] = {**attrs}
@@ -94,6 +123,26 @@ def build_record(
         headers.append(("ce_idgenerated", b"true"))
     headers.append(("content-type", b"application/json"))
     return KafkaRecord(topic=topic, key=key, value=_dumps(value), headers=headers)
+
+
+def with_attributes(record: KafkaRecord, attributes: Mapping[str, str]) -> KafkaRecord:
+    """``record`` with more CloudEvents extension attributes (empty values left out).
+
+    ``ce_<name>`` headers in binary mode, top-level members of a structured CloudEvent; a dead
+    letter (not a CloudEvent) gets plain ``<name>`` headers. The attributes the ingress adds
+    this way: ``subscriptioncheck`` (web push, verify_subscriptions) and the distributed-tracing
+    extension's ``traceparent``/``tracestate``.
+    """
+    items = [(k, v) for k, v in attributes.items() if v]
+    if not items:
+        return record
+    if header(record.headers, "content-type") == "application/cloudevents+json":
+        body = orjson.loads(record.value)
+        body.update(items)
+        return replace(record, value=_dumps(body))
+    binary = any(k == "ce_specversion" for k, _ in record.headers)
+    prefix = "ce_" if binary else ""
+    return replace(record, headers=[*record.headers, *((prefix + k, v.encode()) for k, v in items)])
 
 
 def build_dead_letter(

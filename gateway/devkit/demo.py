@@ -39,6 +39,7 @@ host = "127.0.0.1"
 port = {port}
 trusted_proxies = ["127.0.0.1/32"]
 log_level = "error"
+metrics_port = {metrics_port}  # /metrics and /openapi.json: their own port, on loopback
 
 [allowlist]
 refresh_interval_s = 0  # the demo stays on loopback: the bundled snapshot is enough
@@ -64,6 +65,7 @@ name = "web-push"
 path = "/v1/onesignal/web-push"
 format = "web-push"
 app_id = "{app_id}"
+cors_origins = ["https://shop.example"]
 """
 
 
@@ -197,10 +199,12 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         print(f"  bootstrap: {broker.bootstrap_servers}")
         port = free_port()
+        metrics_port = free_port()
         cfg_path = Path(tmp) / "gateway.toml"
         cfg_path.write_text(
             CONFIG.format(
                 port=port,
+                metrics_port=metrics_port,
                 bootstrap=broker.bootstrap_servers,
                 api_version=API_VERSION,
                 app_id=samples.DEMO_APP_ID,
@@ -229,7 +233,8 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
                     f"{stats.requests - ok} errors"
                 )
                 print("  (the load generator shares this machine's cores; `make bench` uses wrk)")
-                metrics = (await client.get("/metrics")).text
+                # the webhook port does not serve /metrics; the metrics port does
+                metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         finally:
             proc.terminate()
             try:
@@ -240,7 +245,7 @@ async def run_demo(events: int = 2000, show: int = 3) -> int:
         topics = [
             f"onesignal.{c}" for c in ("push", "email", "sms", "iam", "live_activity", "journey")
         ]
-        topics.append("onesignal.dead-letter")
+        topics += ["onesignal.unauthenticated", "onesignal.dead-letter"]
         records = _read_back(broker.bootstrap_servers, topics)
         counts: dict[str, int] = {}
         for rec in records:
@@ -378,7 +383,7 @@ async def _demo_events(client: httpx.AsyncClient) -> None:
         r = await client.post(
             "/v1/onesignal/web-push",
             content=orjson.dumps(samples.web_push_v15_payload(event)),
-            headers={"content-type": "text/plain;charset=UTF-8"},
+            headers={"content-type": "text/plain;charset=UTF-8", "origin": "https://shop.example"},
         )
         print(_line(f"v15 {event}", r))
 

@@ -9,6 +9,11 @@ It keeps what a checker needs: a log of every request (arrival time, path, heade
 status) and the resulting tag state per user (merged per key; "" or null deletes). It enforces
 OneSignal's limits (1 request/s per user, a per-app rate) with 429 and ``Retry-After``, and
 plays scripted faults (429, 5xx, 4xx, slow answers) so the worker's reactions can be tested,
+It also plays ``GET /apps/{app_id}/subscriptions/{subscription_id}/user/identity`` (View user
+identity by subscription, what the web-push route's ``verify_subscriptions`` asks): 200 with the
+identity for a subscription added with :meth:`FakeOneSignal.add_subscription`, else 404, 401
+for a bad key, 429 over ``view_rate_limit`` requests per second per app (OneSignal's view
+endpoints allow 1), scripted faults too; these requests are in :attr:`lookups`.
 and rotates an app's key (:meth:`FakeOneSignal.rotate_key`): the old key is then refused with
 401 (or 403), the new one accepted.
 
@@ -24,6 +29,7 @@ import asyncio
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,6 +134,7 @@ class FakeOneSignal:
         app_rate_limit: float | None = None,
         rate_limit_retry_after: int = 1,
         host: str = "127.0.0.1",
+        view_rate_limit: float | None = None,
     ) -> None:
         """``api_key``: one key for every app, or ``{app_id: key}`` (other apps: 401)."""
         self.api_keys = api_key
@@ -142,6 +149,10 @@ class FakeOneSignal:
         self._last_ok: dict[tuple[str, str, str], float] = {}
         self._app_ok: dict[str, deque[float]] = {}
         self._faults: list[Fault] = []
+        self.view_rate_limit = view_rate_limit
+        self._subscriptions: dict[tuple[str, str], str] = {}  # (app, subscription) -> user
+        self._lookups: list[LoggedRequest] = []
+        self._view_ok: dict[str, deque[float]] = {}
         self.disconnects = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -156,6 +167,11 @@ class FakeOneSignal:
                 Route(
                     "/apps/{app_id}/users/by/{alias_label}/{alias_id:path}",
                     self._view_user,
+                    methods=["GET"],
+                ),
+                Route(
+                    "/apps/{app_id}/subscriptions/{subscription_id}/user/identity",
+                    self._identity_by_subscription,
                     methods=["GET"],
                 ),
             ]
@@ -212,6 +228,19 @@ class FakeOneSignal:
         with self._lock:
             return list(self._log)
 
+    @property
+    def lookups(self) -> list[LoggedRequest]:
+        """The subscription lookups (``alias_label`` "subscription", ``alias_id`` its id)."""
+        with self._lock:
+            return list(self._lookups)
+
+    def add_subscription(
+        self, app_id: str, subscription_id: str, onesignal_id: str | None = None
+    ) -> None:
+        """A subscription of ``app_id`` that the identity lookup finds."""
+        with self._lock:
+            self._subscriptions[(app_id, subscription_id)] = onesignal_id or str(uuid.uuid4())
+
     def tags(self, app_id: str, alias_label: str, alias_id: str) -> dict[str, str]:
         with self._lock:
             return dict(self._tags.get((app_id, alias_label, alias_id), {}))
@@ -262,6 +291,8 @@ class FakeOneSignal:
             self._last_ok.clear()
             self._app_ok.clear()
             self._faults.clear()
+            self._lookups.clear()
+            self._view_ok.clear()
 
     def wait_for(self, predicate: Callable[[FakeOneSignal], bool], timeout_s: float = 20.0) -> bool:
         """Poll ``predicate`` until it holds or the timeout passes."""
@@ -358,6 +389,65 @@ class FakeOneSignal:
         if tags is None:
             return JSONResponse(_DEFAULT_FAULT_BODIES[404], status_code=404)
         return JSONResponse({"properties": {"tags": dict(tags)}, "identity": {user[1]: user[2]}})
+
+    async def _identity_by_subscription(self, request: Request) -> Response:
+        at = time.monotonic()
+        app_id = request.path_params["app_id"]
+        subscription_id = request.path_params["subscription_id"]
+        response = await self._identity(request, app_id, subscription_id, at)
+        entry = LoggedRequest(
+            at=at,
+            method="GET",
+            path=request.url.path,
+            app_id=app_id,
+            alias_label="subscription",
+            alias_id=subscription_id,
+            headers=dict(request.headers),
+            body=None,
+            raw=b"",
+            status=response.status_code,
+        )
+        with self._lock:
+            self._lookups.append(entry)
+        return response
+
+    async def _identity(
+        self, request: Request, app_id: str, subscription_id: str, at: float
+    ) -> Response:
+        key = self._key_for(app_id)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if key is None or scheme.lower() != "key" or given != key:
+            return self._refused(app_id)
+        with self._lock:
+            fault = self._take_fault(app_id, subscription_id)
+        if fault is not None:
+            if fault.delay_s:
+                await asyncio.sleep(fault.delay_s)
+            if fault.status is not None:
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+                content = fault.body or _DEFAULT_FAULT_BODIES.get(
+                    fault.status, {"errors": [{"code": "server", "title": "Scripted error"}]}
+                )
+                return JSONResponse(content, status_code=fault.status, headers=headers)
+        with self._lock:
+            if self.view_rate_limit is not None:
+                window = self._view_ok.setdefault(app_id, deque())
+                while window and window[0] <= at - 1.0:
+                    window.popleft()
+                if len(window) >= self.view_rate_limit:
+                    return JSONResponse(
+                        RATE_LIMITED,
+                        status_code=429,
+                        headers={"Retry-After": str(self.rate_limit_retry_after)},
+                    )
+                window.append(at)
+            user = self._subscriptions.get((app_id, subscription_id))
+        if user is None:
+            return JSONResponse(
+                {"errors": [{"code": "subscription-0", "title": "Subscription not found"}]},
+                status_code=404,
+            )
+        return JSONResponse({"identity": {"onesignal_id": user}})
 
     async def _answer(
         self,

@@ -7,8 +7,9 @@ record); :mod:`gateway.ingress.route` says which requests are refused.
 
 The source routes are plain ASGI callables in front of Starlette: they are the hot path, and
 Starlette's request, response and middleware objects cost more per request than everything
-the gateway itself does before the Kafka send. The operational routes (health, readiness,
-metrics, OpenAPI) stay on Starlette.
+the gateway itself does before the Kafka send. Health and readiness stay on Starlette; the
+operator surface (``/metrics``, ``/openapi.json``) has a port of its own
+(:mod:`gateway.ingress.operator`), and the webhook port answers 404 for it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,11 +31,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.config import Config
 from gateway.ingress.allowlist import Allowlist, RangeRefresher, log_if_stale
 from gateway.ingress.openapi import openapi_document
+from gateway.ingress.operator import OperatorServer
+from gateway.ingress.peers import MetricsPeers
+from gateway.ingress.protocol import REFUSALS_STATE_KEY
 from gateway.ingress.route import SourceRoute
 from gateway.ingress.state import RouteState
 from gateway.kafka import SinkBase, create_sink
 from gateway.kafka.topics import TopicWatcher, gateway_topics
 from gateway.metrics import IngressMetrics
+from gateway.tracing import Tracing
 
 __all__ = ["PathDispatcher", "RouteState", "create_app"]
 
@@ -70,13 +74,26 @@ def create_app(
     allowlist: Allowlist | None = None,
     sink: SinkBase | None = None,
     clock: Callable[[], float] = time.time,
+    tracing: Tracing | None = None,
+    metrics_dir: str = "",
 ) -> ASGIApp:
-    """The ingress ASGI app. The sink connects in the app's lifespan."""
+    """The ingress ASGI app. The sink connects in the app's lifespan.
+
+    ``tracing``: spans for the requests (tests pass one with an in-memory exporter); by
+    default one is made from ``[tracing]`` when it is enabled. ``metrics_dir``: the directory
+    the workers of one ``gateway serve`` share, so that one scrape answers for all of them.
+    """
     metrics = metrics or IngressMetrics()
     allowlist = allowlist or Allowlist.from_config(config.allowlist)
     warm = tuple(gateway_topics(config, tag_sync=False))
+    # label values from the configured vocabulary only: input never adds a series
+    metrics.bound(sources=[s.name for s in config.sources], topics=warm)
     sink = sink or create_sink(config.kafka, metrics, warm_topics=warm)
-    state = RouteState(config=config, sink=sink, allowlist=allowlist, metrics=metrics, clock=clock)
+    if tracing is None and config.tracing.enabled:
+        tracing = Tracing(config.tracing, "ingress")
+    state = RouteState(
+        config=config, sink=sink, allowlist=allowlist, metrics=metrics, clock=clock, tracing=tracing
+    )
     metrics.allowlist_ranges.set(allowlist.size)
     # read at scrape time, so the figures age between refreshes
     metrics.allowlist_age.set_function(lambda: state.allowlist.age_s(clock()))
@@ -86,13 +103,20 @@ def create_app(
     metrics.allowlist_refresh_failing.set_function(
         lambda: state.allowlist.refresh_failing_s(clock())
     )
-    fallback = Starlette(routes=_operational_routes(state), lifespan=_lifespan(state, warm, clock))
+    # read at scrape time too, on the metrics port's thread (plain reads of ints)
+    metrics.allowlist_ranges.set_function(lambda: state.allowlist.size)
+    metrics.dedupe_entries.set_function(lambda: sum(len(w) for w in state.seen.values()))
+    metrics.in_flight.set_function(lambda: state.sink.in_flight)
+    metrics.subscription_cache.set_function(lambda: sum(len(v) for v in state.verifiers))
+    peers = MetricsPeers(metrics_dir, metrics.registry) if metrics_dir else None
+    fallback = Starlette(
+        routes=_operational_routes(state), lifespan=_lifespan(state, warm, clock, peers)
+    )
     return PathDispatcher(fallback, {s.path: SourceRoute(state, s) for s in config.sources})
 
 
 def _operational_routes(state: RouteState) -> list[Route]:
-    """Health, readiness, metrics and the OpenAPI document."""
-    metrics = state.metrics
+    """Health and readiness (a load balancer's probes); nothing else on the webhook port."""
 
     async def healthz(request: Request) -> Response:
         return _OrjsonResponse({"status": "alive"})
@@ -101,49 +125,56 @@ def _operational_routes(state: RouteState) -> list[Route]:
         kafka_ok, kafka_detail = state.sink.ready()
         allow_ok = state.allowlist.loaded
         status = 200 if kafka_ok and allow_ok else 503
-        return _OrjsonResponse(
-            {
-                "status": "ready" if status == 200 else "not-ready",
-                "kafka": kafka_detail,
-                "allowlist": {
-                    "loaded": allow_ok,
-                    "ranges": state.allowlist.size,
-                    "sync_token": state.allowlist.sync_token,
-                },
+        body = {
+            "status": "ready" if status == 200 else "not-ready",
+            "kafka": kafka_detail,
+            "allowlist": {
+                "loaded": allow_ok,
+                "ranges": state.allowlist.size,
+                "sync_token": state.allowlist.sync_token,
             },
-            status_code=status,
-        )
-
-    async def metrics_route(request: Request) -> Response:
-        metrics.allowlist_ranges.set(state.allowlist.size)
-        metrics.dedupe_entries.set(sum(len(w) for w in state.seen.values()))
-        metrics.in_flight.set(state.sink.in_flight)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    doc = openapi_document(state.config)
-
-    async def openapi(request: Request) -> Response:
-        return _OrjsonResponse(doc)
+        }
+        if state.sink.spool is not None:
+            body["spool"] = state.sink.spool.status()
+        return _OrjsonResponse(body, status_code=status)
 
     return [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
         Route("/readyz", readyz, methods=["GET", "HEAD"]),
-        Route("/metrics", metrics_route, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
     ]
 
 
 def _lifespan(
-    state: RouteState, warm: tuple[str, ...], clock: Callable[[], float]
-) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
-    """Start-up and shutdown: the sink, the topic watcher and the allowlist refresher."""
+    state: RouteState,
+    warm: tuple[str, ...],
+    clock: Callable[[], float],
+    peers: MetricsPeers | None,
+) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[dict[str, Any]]]:
+    """Start-up and shutdown: the sink, the topic watcher, the allowlist refresher and the
+    metrics port."""
     config = state.config
+    operator = OperatorServer(
+        config.server.metrics_host,
+        config.server.metrics_port,
+        state.metrics.registry,
+        openapi_document(config),
+        peers,
+    )
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         refresher_stop = asyncio.Event()
         refresher_task: asyncio.Task[None] | None = None
+        if config.spool.enabled:
+            from gateway.kafka.spool import Spool, SpoolError
+
+            try:  # before Kafka: a damaged or foreign spool refuses the start
+                await state.sink.open_spool(Spool(config.spool, state.metrics))
+            except SpoolError as exc:
+                log.critical("the spool cannot be opened: %s", exc)
+                raise
         await state.sink.start()
+        operator.start()
         watcher = TopicWatcher(config.kafka, warm, config.topics.check_interval_s, state.sink)
         watcher.start()
         refresh_on = config.allowlist.refresh_interval_s > 0
@@ -168,15 +199,24 @@ def _lifespan(
             },
         )
         try:
-            yield
+            # the lifespan state: uvicorn hands it to every connection's protocol, which
+            # counts the connections it refuses before any route (gateway/ingress/protocol.py)
+            yield {REFUSALS_STATE_KEY: state.metrics.connection_refusals}
         finally:
+            operator.stop()
             watcher.stop()
             refresher_stop.set()
             if refresher_task:
                 refresher_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await refresher_task
+            for verifier in state.verifiers:
+                await verifier.aclose()
+            await state.sink.stop_drain()
             await state.sink.close(timeout_s=min(15.0, config.server.graceful_shutdown_s or 15.0))
+            await state.sink.close_spool()
+            if state.tracing is not None:
+                state.tracing.shutdown()  # exports the spans still batched
             log.info("ingress stopped: producer flushed and closed")
 
     return lifespan

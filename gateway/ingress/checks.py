@@ -1,7 +1,8 @@
 """The checks in front of a source route, one small class each, in the order they run.
 
 Method (405, and the CORS preflight of the browser source), sender address (403), shared
-secret (403), body size (413). Each either lets the request on (``None``) or gives the
+secret (403), the client's rate on a source without a secret (429), the browser source's
+``Origin`` (403), body size (413). Each either lets the request on (``None``) or gives the
 :class:`~gateway.ingress.replies.Reply` that refuses it, and counts its refusal. They are plain
 objects the route calls rather than ASGI middleware: the route is the hot path, and one call
 each costs less than one ASGI layer each.
@@ -11,18 +12,22 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from starlette.types import Receive, Scope
 
 from gateway.core import trust
+from gateway.core.clients import ClientLimiter
 from gateway.ingress.allowlist import Allowlist
 from gateway.ingress.replies import Reply, error
+from gateway.logs import SampledLog
 
 __all__ = [
     "BodyReader",
     "ClientGone",
+    "ClientRate",
     "Cors",
     "Methods",
     "SenderAddress",
@@ -44,18 +49,40 @@ class ClientGone(Exception):
 
 
 class Cors:
-    """The browser source's CORS answers: the preflight, and the headers of every reply."""
+    """The browser source's origins: who may POST (403 otherwise), the preflight, and the
+    headers of every reply.
 
-    def __init__(self, origins: tuple[str, ...]) -> None:
-        self.origins = origins
+    CORS headers alone only decide what a page may read, not what the server stores, so the
+    ``Origin`` is also checked: a browser always sends it on a POST (``no-cors`` included) and
+    a page cannot forge it. A client outside a browser can, so this keeps other sites' pages
+    out, not a forger: that is what the rate limit and the subscription check are for.
+    """
+
+    def __init__(self, origins: tuple[str, ...], refused: Count | None = None) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(o.encode("latin-1") for o in origins if o != "*")
+        self.refused = refused
+
+    def allows(self, origin: bytes | None) -> bool:
+        """``"*"`` allows anything (no Origin and ``null`` too); else only a listed origin."""
+        return self.any or (origin is not None and origin in self.origins)
+
+    def check(self, headers: Mapping[bytes, bytes]) -> Reply | None:
+        origin = headers.get(b"origin")
+        if self.allows(origin):
+            return None
+        if self.refused is not None:
+            self.refused.inc()
+        why = "no Origin header" if origin is None else "its Origin is not in cors_origins"
+        return error(403, "forbidden", f"origin not allowed (origin-not-allowed): {why}")
 
     def headers(self, headers: Mapping[bytes, bytes]) -> list[tuple[bytes, bytes]]:
         origin = headers.get(b"origin")
         if origin is None:
             return []
-        if "*" in self.origins:
+        if self.any:
             return [(b"access-control-allow-origin", b"*")]
-        if origin.decode("latin-1") in self.origins:
+        if origin in self.origins:
             return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
         return []
 
@@ -69,6 +96,30 @@ class Cors:
                 (b"access-control-allow-headers", b"content-type, x-onesignal-event"),
                 (b"access-control-max-age", b"86400"),
             ],
+        )
+
+
+class ClientRate:
+    """A source without a secret: each client address (as the trust check resolved it) gets
+    its rate, then 429 with Retry-After."""
+
+    def __init__(
+        self, limiter: ClientLimiter, monotonic: Callable[[], float], refused: Count
+    ) -> None:
+        self.limiter = limiter
+        self.monotonic = monotonic
+        self.refused = refused
+
+    def check(self, client_ip: str) -> Reply | None:
+        wait = self.limiter.take(client_ip, self.monotonic())
+        if wait <= 0:
+            return None
+        self.refused.inc()
+        return error(
+            429,
+            "rate-limited",
+            "too many requests from this address; retry after Retry-After",
+            retry_after=str(max(1, math.ceil(wait))),
         )
 
 
@@ -128,12 +179,14 @@ class SharedSecret:
         refused: Count,
         *,
         required: bool,
+        refusals: SampledLog | None = None,
     ) -> None:
         self.source_name = source_name
         self.header = header.encode()
         self.secrets = secrets
         self.refused = refused
         self.required = required
+        self.refusals = refusals or SampledLog(log)
 
     def label(self, scope: Scope) -> str:
         """valid, invalid or missing: the secret check of a request refused for its address."""
@@ -155,7 +208,13 @@ class SharedSecret:
             reason = "secret-repeated"
         else:
             reason = "secret-invalid"
-        log.info("refused: %s", reason, extra={"source": self.source_name, "client_ip": client_ip})
+        self.refusals.log(
+            logging.INFO,
+            f"{self.source_name}:{reason}",
+            "refused: %s",
+            reason,
+            extra={"source": self.source_name, "client_ip": client_ip},
+        )
         return error(403, "forbidden", f"shared secret check failed ({reason})")
 
 
@@ -173,6 +232,7 @@ class SenderAddress:
         misses: Mapping[str, Count],
         *,
         required: bool,
+        refusals: SampledLog | None = None,
     ) -> None:
         self.source_name = source_name
         self.allowlist = allowlist  # read per request: the app owns the current one
@@ -182,6 +242,7 @@ class SenderAddress:
         self.refused = refused
         self.misses = misses
         self.required = required
+        self.refusals = refusals or SampledLog(log)
 
     def resolve(self, scope: Scope) -> trust.ClientIP:
         peer = scope.get("client")
@@ -215,8 +276,13 @@ class SenderAddress:
                 client.ip,
                 extra=extra,
             )
-        else:
-            log.info("refused: sender not in allowlist", extra=extra)
+        else:  # what any outsider causes at will: sampled
+            self.refusals.log(
+                logging.INFO,
+                f"{self.source_name}:ip-not-allowed",
+                "refused: sender not in allowlist",
+                extra=extra,
+            )
         return error(403, "forbidden", "sender address is not allowed (ip-not-allowed)")
 
 

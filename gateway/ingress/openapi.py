@@ -77,13 +77,24 @@ def _operation(source: SourceConfig) -> dict[str, Any]:
             },
         },
     }
+    if source.format == "web-push":
+        op["responses"]["403"] = err("Origin not in cors_origins (or missing, or null).")
     if source.require_secret:
         op["security"] = [{f"{source.name}_secret": []}]
     else:
         # no secret, so anyone can post here: bodies that cannot be read are refused
         responses = op["responses"]
-        responses["400"] = err("Invalid JSON, invalid UTF-8, too deep, or empty.")
+        responses["400"] = err(
+            "Invalid JSON, invalid UTF-8, too deep, empty, or not an event the Web SDK sends."
+        )
         responses["415"] = err("Content-Type or charset not accepted.")
+        if source.client_rate_limit > 0:
+            responses["429"] = {
+                "description": "Too many requests from this client address; retry after "
+                "Retry-After.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                "content": {"application/json": {"schema": _ERROR}},
+            }
         op["responses"] = dict(sorted(responses.items()))
     return op
 

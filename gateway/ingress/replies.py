@@ -27,6 +27,15 @@ def error(status: int, code: str, message: str, **headers: str) -> Reply:
 
 
 def accepted_body(event_id: str | None, result: PublishResult) -> dict[str, Any]:
+    if result.spooled:  # durable on the spool's disk; its place in Kafka is not known yet
+        return {
+            "status": "accepted",
+            "id": event_id,
+            "topic": result.topic,
+            "partition": None,
+            "offset": None,
+            "spooled": True,
+        }
     return {
         "status": "accepted",
         "id": event_id,

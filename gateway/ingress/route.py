@@ -5,8 +5,10 @@ passed a source's sender checks (a source with a shared secret), no body is refu
 :func:`~gateway.core.ingest.ingest` cannot publish goes byte for byte to the dead-letter topic,
 and the sender gets its 2xx once that is acknowledged. Only the sender checks (403), the method
 (405) and the size limit (413) refuse a request; Kafka being unable to take a record is a 503.
-The web-push source has no secret: anyone can post to it, so it still refuses bodies it cannot
-decode with 4xx.
+The web-push source has no secret: anyone can post to it, so it refuses bodies it cannot decode
+or normalize (400: only the Web SDK's event names are events), a client over its rate (429), an
+``Origin`` not in ``cors_origins`` (403) and, with ``verify_subscriptions``, a subscription
+OneSignal does not know (403). None of these writes anything.
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import SourceConfig
+from gateway.core.clients import ClientLimiter
 from gateway.core.dedupe import CONFLICT, DUPLICATE
 from gateway.core.event import NormalizedEvent
-from gateway.core.ingest import DeadLetter, Publish, ingest
+from gateway.core.ingest import DeadLetter, Publish, Refuse, ingest
+from gateway.core.records import with_attributes
 from gateway.ingress.checks import (
     BodyReader,
     ClientGone,
+    ClientRate,
     Cors,
     Methods,
     SenderAddress,
@@ -36,7 +42,11 @@ from gateway.ingress.checks import (
 from gateway.ingress.replies import Reply, accepted_body, error
 from gateway.ingress.sources import ingest_source
 from gateway.ingress.state import RouteState
+from gateway.ingress.subscriptions import NOT_FOUND, UNCHECKED, verifier_for
 from gateway.kafka import Unavailable
+from gateway.kafka.spool.store import COMMIT_TIMEOUT_S
+from gateway.logs import SampledLog
+from gateway.tracing import TRACE_ATTRIBUTES
 
 __all__ = ["OUTCOMES", "SourceRoute"]
 
@@ -53,12 +63,20 @@ OUTCOMES = (
     "unavailable",
     "method_not_allowed",
     "too_large",
+    "unknown_event",
+    "forbidden_origin",
+    "rate_limited",
+    "unknown_subscription",
+    "unverified",
 )
 _JSON = (b"content-type", b"application/json")
 # OneSignal's event.id is a UUID: a longer id header value is not one, and would not fit the
 # dead letter's header (records caps it at 256 bytes), so it is not used.
 _MAX_ID_CHARS = 256
 _USER_QUERY_FIELDS = ("onesignal_id", "external_id")
+# the outcome a refused body counts as (a bounded set: codes come from the gateway, not the body)
+_REFUSALS = {"not-a-web-sdk-event": "unknown_event"}
+_STATUS_REFUSALS = {413: "too_large", 415: "unsupported_media_type"}
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -81,14 +99,17 @@ class SourceRoute:
         self.latency = metrics.request_seconds.labels(source.name)
         self.conflicts = metrics.dedupe_conflicts.labels(source.name)
         web = source.format == "web-push"
-        self.cors = Cors(source.cors_origins) if web else None
+        self.cors = Cors(source.cors_origins, self.outcomes["forbidden_origin"]) if web else None
         self.methods = Methods(self.outcomes["method_not_allowed"], preflight=web)
+        server = state.config.server
+        refusals = SampledLog(log, server.refusal_log_lines, server.refusal_log_interval_s)
         self.secret = SharedSecret(
             source.name,
             source.secret_header,
             tuple(s.reveal().encode() for s in source.secrets),
             self.outcomes["forbidden_secret"],
             required=source.require_secret,
+            refusals=refusals,
         )
         self.sender = SenderAddress(
             source.name,
@@ -102,7 +123,22 @@ class SourceRoute:
                 for label in ("valid", "invalid", "missing")
             },
             required=source.require_allowlisted_ip,
+            refusals=refusals,
         )
+        self.clients = (
+            ClientRate(
+                ClientLimiter(
+                    source.client_rate_limit, source.client_rate_burst, source.client_rate_table
+                ),
+                state.monotonic,
+                self.outcomes["rate_limited"],
+            )
+            if not source.require_secret and source.client_rate_limit > 0
+            else None
+        )
+        self.verifier = verifier_for(state.config, source, metrics, state.monotonic)
+        if self.verifier is not None:
+            state.verifiers.append(self.verifier)
         self.body = BodyReader(state.config.server.max_body_bytes, self.outcomes["too_large"])
         self.id_header = source.id_header.encode() if source.id_header else None
         self.user_headers = {f: h.encode() for f, h in source.user_headers.items()}
@@ -113,7 +149,10 @@ class SourceRoute:
         started = time.perf_counter()
         headers = _headers(scope)
         try:
-            reply = await self.handle(scope, headers, receive)
+            if self.state.tracing is None:
+                reply = await self.handle(scope, headers, receive)
+            else:
+                reply = await self._traced(scope, headers, receive)
         except ClientGone:
             return
         except Exception:  # a bug: answer 500 rather than drop the connection, and say so
@@ -133,13 +172,26 @@ class SourceRoute:
         await send({"type": "http.response.body", "body": body})
 
     async def handle(self, scope: Scope, headers: Mapping[bytes, bytes], receive: Receive) -> Reply:
-        refusal = self.methods.check(scope["method"])
-        if refusal is not None:
-            return refusal
+        preflight = self.methods.check(scope["method"])
+        if preflight is not None and preflight.status != 204:
+            return preflight  # a 405
         client = self.sender.resolve(scope)
-        refusal = self.sender.check(scope, client) or self.secret.check(scope, client.ip)
-        if refusal is not None:
-            return refusal
+        if preflight is None:
+            refusal = self.sender.check(scope, client) or self.secret.check(scope, client.ip)
+            if refusal is not None:
+                return refusal
+        if self.clients is not None:
+            # before anything else is looked at, so that every request costs its sender a token
+            refusal = self.clients.check(client.ip)
+            if refusal is not None:
+                return refusal
+        if self.cors is not None:
+            # a write or a preflight from an origin that is not listed: refused, nothing read
+            refusal = self.cors.check(headers)
+            if refusal is not None:
+                return refusal
+        if preflight is not None:
+            return preflight
         body = await self.body.read(headers, receive)
         if isinstance(body, Reply):
             return body
@@ -152,12 +204,50 @@ class SourceRoute:
             header_id=self._header_id(headers),
             user=self._user(scope, headers) if self.core.allows_text else None,
         )
+        if self.state.tracing is not None and not isinstance(decision, Refuse):
+            # the request's span is the record's parent: the CloudEvents tracing extension
+            trace = self.state.tracing.current()
+            decision = replace(decision, record=with_attributes(decision.record, trace))
         if isinstance(decision, Publish):
+            if self.verifier is not None:
+                checked = await self._verify(decision)
+                if isinstance(checked, Reply):
+                    return checked
+                decision = checked
             return await self._publish(decision)
         if isinstance(decision, DeadLetter):
             return await self._dead_letter(decision)
-        self._count("unsupported_media_type" if decision.status == 415 else "bad_request")
+        self._count(
+            _REFUSALS.get(decision.code) or _STATUS_REFUSALS.get(decision.status, "bad_request")
+        )
         return error(decision.status, decision.code, decision.message)
+
+    async def _traced(
+        self, scope: Scope, headers: Mapping[bytes, bytes], receive: Receive
+    ) -> Reply:
+        """``handle`` in a SERVER span continuing the request's W3C trace context."""
+        assert self.state.tracing is not None
+        carrier = {
+            name: headers[raw].decode("latin-1")
+            for name in TRACE_ATTRIBUTES
+            if (raw := name.encode()) in headers
+        }
+        attributes = {
+            "http.request.method": scope["method"],
+            "url.path": self.source.path,
+            "gateway.source": self.source.name,
+        }
+        with self.state.tracing.server_span(
+            f"{scope['method']} {self.source.path}", carrier, attributes
+        ) as span:
+            reply = await self.handle(scope, headers, receive)
+            span.set_attribute("http.response.status_code", reply.status)
+            if isinstance(reply.body, dict):
+                for key in ("status", "id", "reason"):
+                    value = reply.body.get(key)
+                    if isinstance(value, str):
+                        span.set_attribute(f"gateway.{key}", value)
+            return reply
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome].inc()
@@ -193,6 +283,10 @@ class SourceRoute:
 
         None: publish without a marker (a concurrent copy of another kind holds the id).
         """
+        pending = self.pending.get(event.id)
+        if pending is not None and pending[1].done():
+            # settled, and its callback has not run yet: the same, now
+            self._settled(event.id, pending[0], pending[1])
         state = self.seen.check(event.id, event.kind, self.state.monotonic())
         if state == DUPLICATE:
             self._count("duplicate")
@@ -202,6 +296,8 @@ class SourceRoute:
         if pending is not None and pending[0] == event.kind:
             # the same event is being published by a concurrent request: share its outcome
             timeout = self.state.config.kafka.ack_timeout_s
+            if self.state.config.spool.enabled:  # then the first one may still be spooled
+                timeout += COMMIT_TIMEOUT_S
             try:
                 ok = await asyncio.wait_for(asyncio.shield(pending[1]), timeout)
             except TimeoutError:
@@ -222,7 +318,31 @@ class SourceRoute:
             return None
         marker: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.pending[event.id] = (event.kind, marker)
+        marker.add_done_callback(lambda m: self._settled(event.id, event.kind, m))
         return marker
+
+    async def _verify(self, decision: Publish) -> Publish | Reply:
+        """The subscription check (verify_subscriptions): refuse an unknown subscription, and
+        mark the record with what OneSignal said, or that it could not be asked."""
+        assert self.verifier is not None
+        result = await self.verifier.check(decision.event.subscription.get("id"))
+        if result == NOT_FOUND:
+            self._count("unknown_subscription")
+            return error(
+                403,
+                "forbidden",
+                "the subscription id is not one of the app's subscriptions (unknown-subscription)",
+            )
+        if result == UNCHECKED and self.source.verify_unreachable == "refuse":
+            self._count("unverified")
+            return error(
+                503,
+                "unverified",
+                "the subscription could not be checked with OneSignal right now",
+                retry_after=str(self.state.config.kafka.retry_after_s),
+            )
+        record = with_attributes(decision.record, {"subscriptioncheck": result})
+        return Publish(decision.event, record)
 
     async def _publish(self, decision: Publish) -> Reply:
         event = decision.event
@@ -233,25 +353,26 @@ class SourceRoute:
                 return claim
             marker = claim
         try:
-            result = await self.state.sink.publish(decision.record)
+            # the marker settles with the record's own fate, after a 503 too: a record that
+            # missed the ack deadline stays queued in the producer, and a retry meanwhile
+            # waits for it rather than sending a second copy
+            result = await self.state.sink.publish(decision.record, outcome=marker)
         except Unavailable as exc:
-            if marker is not None:
-                marker.set_result(False)
             return self._unavailable(str(exc))
-        except BaseException:
-            if marker is not None:
-                marker.set_result(False)
-            raise
-        finally:
-            if marker is not None:
-                self.pending.pop(event.id, None)
-        if marker is not None:
-            marker.set_result(True)
-        if event.deduplicate:
+        if event.deduplicate and marker is None:
             self.seen.add(event.id, self.state.monotonic(), event.kind)
         self.state.metrics.events.labels(event.kind).inc()
         self._count("accepted")
         return Reply(200, accepted_body(event.id, result))
+
+    def _settled(self, event_id: str, kind: str, marker: asyncio.Future[bool]) -> None:
+        """The record an id's marker stood for is in Kafka (the id is seen), or lost for good."""
+        entry = self.pending.get(event_id)
+        if entry is None or entry[1] is not marker:
+            return  # handled already
+        del self.pending[event_id]
+        if not marker.cancelled() and marker.result():
+            self.seen.add(event_id, self.state.monotonic(), kind)
 
     async def _dead_letter(self, decision: DeadLetter) -> Reply:
         if decision.error is not None:

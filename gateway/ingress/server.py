@@ -17,6 +17,8 @@ from typing import Any
 import uvicorn
 
 from gateway.config import Config
+from gateway.ingress.protocol import HeadLimits, protocol_class
+from gateway.logs import drop_query_strings, sample_uvicorn_request_warnings
 
 __all__ = [
     "GatewayServer",
@@ -36,6 +38,9 @@ def uvicorn_config(app: Any, config: Config, **overrides: Any) -> uvicorn.Config
 def uvicorn_options(config: Config, **overrides: Any) -> dict[str, Any]:
     """uvicorn's settings for the ingress, from ``[server]``."""
     s = config.server
+    if s.access_log:
+        drop_query_strings()
+    sample_uvicorn_request_warnings(s.refusal_log_lines, s.refusal_log_interval_s)
     options: dict[str, Any] = {
         "host": s.host,
         "port": s.port,
@@ -47,6 +52,15 @@ def uvicorn_options(config: Config, **overrides: Any) -> dict[str, Any]:
         "access_log": s.access_log,
         "log_config": None,
         "lifespan": "on",
+        # httptools with the head limits, the head deadline, trailers dropped, upgrades refused
+        "http": protocol_class(
+            HeadLimits(
+                max_head_bytes=s.max_head_bytes,
+                max_header_count=s.max_header_count,
+                head_timeout_s=s.head_timeout_s,
+            )
+        ),
+        "ws": "none",
     }
     if s.limit_concurrency:
         options["limit_concurrency"] = s.limit_concurrency
@@ -160,9 +174,10 @@ def worker_app() -> Any:
     import os
 
     from gateway.ingress.app import create_app
+    from gateway.ingress.peers import ENV_DIR
     from gateway.logs import configure_logging
     from gateway.startup import start
 
     cfg = start(os.environ["GATEWAY_CONFIG"])
     configure_logging(cfg.server.log_level)
-    return create_app(cfg)
+    return create_app(cfg, metrics_dir=os.environ.get(ENV_DIR, ""))

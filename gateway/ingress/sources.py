@@ -19,8 +19,10 @@ def ingest_source(config: Config, source: SourceConfig) -> Source:
         max_record_bytes=kafka.max_request_size,
         max_json_depth=config.server.max_json_depth,
         unknown_kinds=kafka.unknown_kinds,
+        unknown_channel_topic=kafka.unknown_channel_topic,
         content_mode=kafka.content_mode,
         app_id=source.app_id,
         mapping=source.mapping,
         dead_letter_every_body=source.require_secret,
+        unauthenticated_topic=kafka.unauthenticated_topic,
     )

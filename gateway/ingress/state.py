@@ -13,8 +13,10 @@ from gateway.core import trust
 from gateway.core.dedupe import SeenWindow
 from gateway.core.event import Received
 from gateway.ingress.allowlist import Allowlist
+from gateway.ingress.subscriptions import SubscriptionVerifier
 from gateway.kafka import SinkBase
 from gateway.metrics import IngressMetrics
+from gateway.tracing import Tracing
 
 __all__ = ["RouteState"]
 
@@ -33,11 +35,15 @@ class RouteState:
     metrics: IngressMetrics
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
+    # OpenTelemetry spans ([tracing] enabled), else None: one test per request when off
+    tracing: Tracing | None = None
     proxies: trust.TrustedProxies = field(init=False)
     seen: dict[str, SeenWindow] = field(init=False)
     # per source, ids whose record is being published right now, with their kind: a concurrent
     # duplicate waits for the outcome
     pending: dict[str, dict[str, tuple[str, asyncio.Future[bool]]]] = field(init=False)
+    # the web-push sources' subscription checks (verify_subscriptions), closed at shutdown
+    verifiers: list[SubscriptionVerifier] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.proxies = trust.TrustedProxies(self.config.server.trusted_proxies)

@@ -65,11 +65,21 @@ class MemorySink(SinkBase):
     def _producer_state(self) -> tuple[bool, bool]:
         return True, True
 
-    async def publish(self, record: KafkaRecord) -> PublishResult:
-        self.records.append(record)
-        self.entered.set()
-        if self.outcomes:
-            return await self.outcomes.pop(0)(record)
-        offset = self._offsets[record.topic]
-        self._offsets[record.topic] += 1
-        return PublishResult(record.topic, 0, offset)
+    async def publish(
+        self, record: KafkaRecord, outcome: asyncio.Future[bool] | None = None
+    ) -> PublishResult:
+        ok = False
+        try:
+            self.records.append(record)
+            self.entered.set()
+            if self.outcomes:
+                result = await self.outcomes.pop(0)(record)
+            else:
+                offset = self._offsets[record.topic]
+                self._offsets[record.topic] += 1
+                result = PublishResult(record.topic, 0, offset)
+            ok = True
+            return result
+        finally:
+            if outcome is not None and not outcome.done():
+                outcome.set_result(ok)

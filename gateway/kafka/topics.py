@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from gateway.config import CHANNELS, Config, KafkaConfig, TopicsConfig
+from gateway.config import Config, KafkaConfig, TopicsConfig
+from gateway.core.kinds import TOPIC_CHANNELS
 from gateway.kafka.sink import SinkBase
 
 __all__ = [
@@ -32,15 +33,38 @@ __all__ = [
     "describe_topics",
     "durability_warnings",
     "gateway_topics",
+    "has_open_source",
+    "ingress_topics",
 ]
 
 log = logging.getLogger("gateway.kafka.topics")
 
 
+def ingress_topics(kafka: KafkaConfig, *, unauthenticated: bool) -> list[tuple[str, str]]:
+    """(role, topic) of every topic the ingress writes, in order: ``channel:<channel>`` for
+    each of TOPIC_CHANNELS, ``dead-letter``, ``unknown-channel`` (when configured),
+    ``unauthenticated`` (when configured and ``unauthenticated``: some source has no secret).
+
+    The ingress writes no other topic: this is the vocabulary (core/ingest.py decides);
+    :func:`gateway_topics` and the AsyncAPI document both read it.
+    """
+    out = [(f"channel:{c}", kafka.topic.format(channel=c)) for c in TOPIC_CHANNELS]
+    out.append(("dead-letter", kafka.dead_letter_topic))
+    if kafka.unknown_channel_topic:
+        out.append(("unknown-channel", kafka.unknown_channel_topic))
+    if kafka.unauthenticated_topic and unauthenticated:
+        out.append(("unauthenticated", kafka.unauthenticated_topic))
+    return out
+
+
+def has_open_source(cfg: Config) -> bool:
+    """Whether a source takes events without a secret (web push: anyone can post to it)."""
+    return any(not s.require_secret for s in cfg.sources)
+
+
 def gateway_topics(cfg: Config, *, tag_sync: bool = True) -> list[str]:
-    """Every topic the ingress writes (per channel, dead letters), and tag sync's dead letters."""
-    names = [cfg.kafka.topic.format(channel=c) for c in CHANNELS]
-    names.append(cfg.kafka.dead_letter_topic)
+    """Every topic the ingress writes (:func:`ingress_topics`), and tag sync's dead letters."""
+    names = [t for _, t in ingress_topics(cfg.kafka, unauthenticated=has_open_source(cfg))]
     if tag_sync and (cfg.onesignal.apps or cfg.tag_sync.rules):
         names.append(cfg.tag_sync.dead_letter_topic)
     return list(dict.fromkeys(names))
@@ -103,7 +127,16 @@ class TopicStatus:
 def _admin(kafka: KafkaConfig, timeout_ms: int = 10000) -> Any:
     from kafka import KafkaAdminClient
 
-    return KafkaAdminClient(**kafka.client_options(), request_timeout_ms=timeout_ms)
+    from gateway.kafka.clients import start_client
+
+    # bootstrapping is bounded by the same timeout (kafka-python's own default is 30 s, so a
+    # topic check against an absent Kafka took 30 s whatever it asked for)
+    return start_client(
+        KafkaAdminClient,
+        **kafka.client_options(),
+        request_timeout_ms=timeout_ms,
+        bootstrap_timeout_ms=timeout_ms,
+    )
 
 
 def _topic_configs(admin: Any, names: list[str]) -> dict[str, dict[str, str]]:

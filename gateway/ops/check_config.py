@@ -40,12 +40,16 @@ def _kafka_reachable(cfg: Config, timeout_s: float = 10.0) -> tuple[bool, str]:
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    from gateway.kafka.clients import start_client
+
     if not bootstrap_reachable(cfg.kafka.bootstrap_servers, timeout_s=min(timeout_s, 5.0)):
         return False, "no bootstrap server accepts a TCP connection"
 
     def probe() -> tuple[bool, str]:
         try:
-            consumer = KafkaConsumer(**cfg.kafka.client_options(), request_timeout_ms=10000)
+            consumer = start_client(
+                KafkaConsumer, **cfg.kafka.client_options(), request_timeout_ms=10000
+            )
         except (KafkaError, ValueError, OSError) as exc:
             return False, f"{type(exc).__name__}: {exc}"
         try:

@@ -3,8 +3,10 @@
 A payload lands on ``kafka.dead_letter_topic`` when a source with a shared secret received a
 body it could not decode (``invalid-json``, ``invalid-utf8``, ``unsupported-media-type``...),
 when it parsed but could not be normalized (``no-kind``, ``not-an-object``...), when building
-its record failed (``internal-error``, ``record-too-large``), or when its kind was unknown and
-``kafka.unknown_kinds`` is ``dead-letter``. The record keeps the request body exactly and says
+its record failed (``internal-error``, ``record-too-large``), when its kind was unknown and
+``kafka.unknown_kinds`` is ``dead-letter``, or when its kind's channel names no topic
+(``unknown-channel``; replayable once ``kafka.unknown_channel_topic`` is set: the same
+:func:`~gateway.core.ingest.ingest` decides). The record keeps the request body exactly and says
 in ``dlq_*`` headers which source received it, when and from where (and ``dlq_event_id``, the
 source's ``id_header`` value, which replay uses as the event's id). Once the config is fixed
 (a ``mapping`` for a custom template, ``unknown_kinds = "publish"``), replay reads those
@@ -36,7 +38,7 @@ from typing import Any, TextIO
 
 from gateway.config import Config, SourceConfig
 from gateway.core.event import Received
-from gateway.core.ingest import Publish, Refuse, ingest
+from gateway.core.ingest import DEAD_LETTER_USER_FIELDS, Publish, Refuse, dead_letter_user, ingest
 from gateway.core.records import KafkaRecord, build_dead_letter, header
 from gateway.ingress.sources import ingest_source
 from gateway.ops.check_config import bootstrap_reachable
@@ -146,6 +148,8 @@ def renormalize(
         fresh_id=lambda: str(uuid.uuid5(_REPLAY_ID_NAMESPACE, place)),
         # the source's id_header value, which the ingress kept in the dead letter
         header_id=header(headers, "dlq_event_id"),
+        # and the user ids of a Journey webhook's URL or headers
+        user=dead_letter_user(headers) or None,
     )
     if isinstance(decision, Publish):
         return decision.record
@@ -177,8 +181,15 @@ def _requeued(
         received=received,
         content_type=header(headers, "content-type") or "",
         key=key,
-        extra_headers=[("dlq_requeued_from", place.encode())],
+        extra_headers=[*_kept(headers), ("dlq_requeued_from", place.encode())],
     )
+
+
+def _kept(headers: Sequence[tuple[str, bytes | None]]) -> list[tuple[str, bytes]]:
+    """What the ingress recorded of the request beyond its body (its headers and URL are not
+    kept otherwise): the sender's id from the source's ``id_header``, a Journey user's ids."""
+    names = {"dlq_event_id", *(f"dlq_user_{n}" for n in DEAD_LETTER_USER_FIELDS)}
+    return [(k, v) for k, v in headers if k in names and v is not None]
 
 
 class ProgressBar:
@@ -243,6 +254,7 @@ def run_replay(
     """
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+    from gateway.kafka.clients import start_client
     from gateway.kafka.producer import producer_options
 
     dlt = topic or cfg.kafka.dead_letter_topic
@@ -251,7 +263,8 @@ def run_replay(
     if not bootstrap_reachable(cfg.kafka.bootstrap_servers, metadata_timeout_s):
         report.aborted = f"no Kafka bootstrap server answers at {cfg.kafka.bootstrap_servers}"
         return report
-    consumer = KafkaConsumer(
+    consumer = start_client(
+        KafkaConsumer,
         **cfg.kafka.client_options(),
         group_id=group_id,
         enable_auto_commit=False,

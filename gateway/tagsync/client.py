@@ -82,7 +82,15 @@ def env_proxy_for(url: str) -> str | None:
 
 
 class UpdateSender(Protocol):
-    async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response: ...
+    async def update_user(
+        self,
+        alias: Alias,
+        tags: Mapping[str, TagValue],
+        *,
+        trace: Mapping[str, str] | None = None,
+    ) -> Response:
+        """One Update user request; ``trace``: W3C trace-context headers to send with it."""
+        ...
 
     def set_api_key(self, app_id: str, key: Secret) -> None:
         """Use ``key`` for the app's requests from now on (a rotated key, re-read)."""
@@ -138,12 +146,20 @@ class OneSignalClient:
         busy = self._busy
         return busy.index(min(busy))
 
-    async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response:
+    async def update_user(
+        self,
+        alias: Alias,
+        tags: Mapping[str, TagValue],
+        *,
+        trace: Mapping[str, str] | None = None,
+    ) -> Response:
         key = self._keys.get(alias.app_id)
         if key is None:  # the worker dead-letters these before sending; a guard only
             return Response(status=None, error="no API key configured for this app")
         content = orjson.dumps(update_body(tags, self.delete_value))
         headers = {"Authorization": f"Key {key.reveal()}", "Content-Type": "application/json"}
+        if trace:
+            headers.update(trace)
         started = time.monotonic()
         pool = self._pick()
         self._busy[pool] += 1
@@ -181,12 +197,20 @@ class DryRunSender:
         self.delete_value = delete_value
         self.out = out or sys.stdout
 
-    async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response:
-        line = {
+    async def update_user(
+        self,
+        alias: Alias,
+        tags: Mapping[str, TagValue],
+        *,
+        trace: Mapping[str, str] | None = None,
+    ) -> Response:
+        line: dict[str, object] = {
             "method": "PATCH",
             "url": update_url(self.api_url, alias),
             "body": update_body(tags, self.delete_value),
         }
+        if trace:
+            line["headers"] = dict(trace)
         self.out.write(orjson.dumps(line).decode() + "\n")
         self.out.flush()
         return Response(status=202, body="dry-run")

@@ -34,6 +34,8 @@ class SourceRef:
     topic: str
     partition: int
     offset: int
+    # the record's W3C trace context (traceparent, tracestate) when tracing is on
+    trace: tuple[str, str] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

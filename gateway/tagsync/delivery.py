@@ -43,6 +43,7 @@ from gateway.tagsync.ratelimit import (
 )
 from gateway.tagsync.rules import Alias, TagValue
 from gateway.tagsync.settings import DeliverySettings
+from gateway.tracing import Tracing
 
 __all__ = ["Delivery", "Update"]
 
@@ -65,8 +66,11 @@ class Delivery:
         dead_letters: DeadLetterWriter,
         done: queue.SimpleQueue[Sequence[SourceRef]],
         rng: random.Random | None = None,
+        *,
+        tracing: Tracing | None = None,
     ) -> None:
         self.s = settings
+        self._tracing = tracing
         self._make_sender = make_sender
         self._dlt = dead_letters
         self._done = done
@@ -354,8 +358,37 @@ class Delivery:
             if user.app_id == app_id:
                 yield from self._coalescer.sources(user)
 
+    async def _send_traced(
+        self, batch: Batch, chunk: Mapping[str, TagValue], app: AppLimiter, probe: int | None
+    ) -> Response | None:
+        """``_send`` as a CLIENT span: the child of the newest event it carries, linked to
+        the others, its context sent to OneSignal as ``traceparent``."""
+        assert self._tracing is not None
+        parents = [
+            {"traceparent": src.trace[0], "tracestate": src.trace[1]}
+            for src in batch.sources
+            if src.trace is not None
+        ]
+        attributes = {
+            "http.request.method": "PATCH",
+            "onesignal.app_id": batch.alias.app_id,
+            "gateway.tags": len(chunk),
+            "gateway.events": len(batch.sources),
+        }
+        with self._tracing.client_span("PATCH onesignal update user", parents, attributes) as span:
+            trace = self._tracing.current()
+            resp = await self._send(batch.alias, chunk, app, probe, trace)
+            if resp is not None:
+                span.set_attribute("http.response.status_code", resp.status or 0)
+            return resp
+
     async def _send(
-        self, alias: Alias, chunk: Mapping[str, TagValue], app: AppLimiter, probe: int | None
+        self,
+        alias: Alias,
+        chunk: Mapping[str, TagValue],
+        app: AppLimiter,
+        probe: int | None,
+        trace: Mapping[str, str] | None = None,
     ) -> Response | None:
         """One attempt within the limits; None when the key was refused meanwhile (unsent)."""
         assert self._sem is not None and self._sender is not None
@@ -369,6 +402,8 @@ class Delivery:
                 return None
             m.IN_FLIGHT.inc()
             try:
+                if trace:
+                    return await self._sender.update_user(alias, chunk, trace=trace)
                 return await self._sender.update_user(alias, chunk)
             finally:
                 m.IN_FLIGHT.dec()
@@ -388,7 +423,10 @@ class Delivery:
             if turn is False:
                 return False
             probe = None if turn is True else int(turn)
-            resp = await self._send(alias, chunk, app, probe)
+            if self._tracing is None:
+                resp = await self._send(alias, chunk, app, probe)
+            else:
+                resp = await self._send_traced(batch, chunk, app, probe)
             if resp is None:
                 continue
             attempt += 1

@@ -230,7 +230,13 @@ class Http1Client:
             (self._common + f"Authorization: Key {value}\r\n").encode("ascii") if ok else None
         )
 
-    async def update_user(self, alias: Alias, tags: Mapping[str, TagValue]) -> Response:
+    async def update_user(
+        self,
+        alias: Alias,
+        tags: Mapping[str, TagValue],
+        *,
+        trace: Mapping[str, str] | None = None,
+    ) -> Response:
         if alias.app_id not in self._heads:  # the worker dead-letters these first; a guard
             return Response(status=None, error="no API key configured for this app")
         head = self._heads[alias.app_id]
@@ -249,6 +255,7 @@ class Http1Client:
                 path.encode("ascii"),
                 b" HTTP/1.1\r\n",
                 head,
+                _trace_lines(trace) if trace else b"",
                 b"Content-Length: %d\r\n\r\n" % len(body),
                 body,
             )
@@ -354,3 +361,12 @@ class Http1Client:
         self._all.clear()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports run connection_lost
+
+
+def _trace_lines(trace: Mapping[str, str]) -> bytes:
+    """W3C trace-context header lines; a value that could split the request is left out."""
+    lines = []
+    for name, value in trace.items():
+        if value and value.isascii() and value.isprintable():
+            lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("ascii")

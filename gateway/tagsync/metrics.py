@@ -7,6 +7,8 @@ partitions).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
@@ -38,7 +40,8 @@ EVENTS = Counter(
 )
 SKIPPED = Counter(
     "gateway_tagsync_events_skipped",
-    "Records that lead to no update (undecodable, no-rule, no-tags, no-alias, superseded).",
+    "Records that lead to no update (undecodable, no-rule, no-tags, no-alias, superseded,"
+    " unauthenticated).",
     ["reason"],
 )
 TEMPLATE_MISSING = Counter(
@@ -110,7 +113,17 @@ REQUEST_SECONDS = Histogram(
 )
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
-    """Expose /metrics on ``port`` (0: off)."""
-    if port:
-        start_http_server(port, addr=addr)
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> Callable[[], None] | None:
+    """Expose /metrics on ``addr``:``port`` (0: off); ``tag_sync.metrics_host`` names ``addr``.
+
+    Returns what stops the server (the worker leaves it to the process's end).
+    """
+    if not port:
+        return None
+    server, _ = start_http_server(port, addr=addr)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return stop

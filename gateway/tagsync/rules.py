@@ -190,6 +190,7 @@ class CompiledRule:
     delete: tuple[str, ...]
     channels: frozenset[str]
     apps: frozenset[str]
+    accept_unauthenticated: bool = False
 
     def key(self, tag: str) -> str:
         return f"tag_sync.rules[{self.index}].tags.{tag}"
@@ -239,6 +240,7 @@ def compile_rules(rules: Sequence[TagRule]) -> tuple[CompiledRule, ...]:
                 delete=tuple(rule.delete),
                 channels=frozenset(rule.channels),
                 apps=frozenset(rule.apps),
+                accept_unauthenticated=rule.accept_unauthenticated,
             )
         )
     return tuple(compiled)
@@ -268,15 +270,29 @@ class Derivation:
     tags: Mapping[str, TagValue]
     skipped: tuple[Skip, ...] = ()
     matched: int = 0
+    # rules that matched but were not applied: the event is unauthenticated and they do not
+    # accept such events
+    unauthenticated: int = 0
 
 
-def derive(rules: Sequence[CompiledRule], event: Mapping[str, Any]) -> Derivation:
-    """Apply every matching rule to one event; later rules win per key."""
+def derive(
+    rules: Sequence[CompiledRule], event: Mapping[str, Any], *, authenticated: bool = True
+) -> Derivation:
+    """Apply every matching rule to one event; later rules win per key.
+
+    An event that is not ``authenticated`` (its record's ``authtype`` is ``unauthenticated``:
+    a web-push event anyone could have sent) is seen only by rules that opt in with
+    ``accept_unauthenticated``.
+    """
     tags: dict[str, TagValue] = {}
     skipped: list[Skip] = []
     matched = 0
+    ignored = 0
     for rule in rules:
         if not rule.matches(event):
+            continue
+        if not authenticated and not rule.accept_unauthenticated:
+            ignored += 1
             continue
         matched += 1
         for tag in rule.delete:
@@ -295,7 +311,7 @@ def derive(rules: Sequence[CompiledRule], event: Mapping[str, Any]) -> Derivatio
                 skipped.append(Skip(rule_key=rule.key(tag), field=missing))
                 continue
             tags[tag] = value
-    return Derivation(tags=tags, skipped=tuple(skipped), matched=matched)
+    return Derivation(tags=tags, skipped=tuple(skipped), matched=matched, unauthenticated=ignored)
 
 
 def resolve_alias(event: Mapping[str, Any], preferred: str) -> Alias | None:

@@ -31,7 +31,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 import gateway.tagsync.metrics as m
 from gateway.config import Config, ConfigError, Secret
-from gateway.core.records import KafkaRecord, decode_record
+from gateway.core.records import UNAUTHENTICATED, KafkaRecord, decode_record
+from gateway.kafka.clients import start_client
 from gateway.tagsync.auth import ApiKeys
 from gateway.tagsync.client import UpdateSender
 from gateway.tagsync.coalesce import SourceRef
@@ -48,6 +49,7 @@ from gateway.tagsync.rules import CompiledRule, compile_rules, derive, event_ord
 from gateway.tagsync.senders import make_sender
 from gateway.tagsync.settings import DeliverySettings
 from gateway.tagsync.turns import ReadTurns
+from gateway.tracing import Tracing
 
 __all__ = ["TagSyncWorker", "run_tag_sync"]
 
@@ -72,6 +74,7 @@ class TagSyncWorker:
         stop: threading.Event | None = None,
         out: TextIO | None = None,
         shutdown_timeout_s: float | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.cfg = config
         self.ts = config.tag_sync
@@ -84,9 +87,15 @@ class TagSyncWorker:
         # the keys are re-read every auth_retry_s and on SIGHUP (request_key_reload)
         self.api_keys = ApiKeys(config.onesignal.apps, self.ts.auth_retry_s, time.monotonic())
         self._auth_paused: set[TopicPartition] = set()
-        self.topics = self.ts.resolved_topics(config.kafka.topic)
+        self.topics = self.ts.resolved_topics(
+            config.kafka.topic, config.kafka.unauthenticated_topic
+        )
         self._out = out
         self.offsets = OffsetLedger()
+        # OpenTelemetry: each Update user request continues the trace of its events
+        self.tracing = tracing
+        if self.tracing is None and config.tracing.enabled:
+            self.tracing = Tracing(config.tracing, "tag-sync")
         self._pending_dead_letters: list[tuple[KafkaRecord, str, SourceRef]] = []
         self._paused = False
         # Behind a backlog, a few partitions are read at a time (turns.py), from how far each
@@ -125,9 +134,11 @@ class TagSyncWorker:
             self._make_sender,
             LogDeadLetterWriter() if self.dry_run else KafkaDeadLetterWriter(self.producer),
             self.offsets.done,
+            tracing=self.tracing,
         )
         self.delivery.start()
-        self.consumer = KafkaConsumer(
+        self.consumer = start_client(
+            KafkaConsumer,
             **opts,
             group_id=self.ts.group_id,
             enable_auto_commit=False,
@@ -206,6 +217,8 @@ class TagSyncWorker:
                 log.warning("consumer close failed", extra={"error": repr(exc)[:300]})
         if self.producer is not None:
             self.producer.close(timeout=5)
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports the spans still batched
         log.info("tag sync stopped")
 
     # -- API keys -----------------------------------------------------------------------------
@@ -253,7 +266,7 @@ class TagSyncWorker:
     def _handle(self, tp: TopicPartition, record: Any, tracked: Tracked) -> Update | None:
         """Decode, derive and route one record; its offset goes to ``tracked`` (done or not)."""
         try:
-            _, event = decode_record(record.headers or [], record.value)
+            attrs, event = decode_record(record.headers or [], record.value)
         except ValueError as exc:
             m.SKIPPED.labels("undecodable").inc()
             log.warning(
@@ -267,16 +280,27 @@ class TagSyncWorker:
             )
             tracked.append((tp, record.offset, True))
             return None
-        derivation = derive(self.rules, event)
+        derivation = derive(
+            self.rules, event, authenticated=attrs.get("authtype") != UNAUTHENTICATED
+        )
         for skip in derivation.skipped:
             m.TEMPLATE_MISSING.labels(skip.rule_key).inc()
             log.debug("tag skipped", extra={"rule": skip.rule_key, "missing_field": skip.field})
         if not derivation.tags:
-            m.SKIPPED.labels("no-rule" if not derivation.matched else "no-tags").inc()
+            if derivation.matched:
+                reason = "no-tags"
+            elif derivation.unauthenticated:
+                reason = "unauthenticated"  # rules matched, but none accepts such events
+            else:
+                reason = "no-rule"
+            m.SKIPPED.labels(reason).inc()
             tracked.append((tp, record.offset, True))
             return None
         app_id = event.get("app_id")
-        src = SourceRef(tp.topic, tp.partition, record.offset)
+        trace = None
+        if self.tracing is not None and (parent := attrs.get("traceparent")):
+            trace = (parent, attrs.get("tracestate", ""))
+        src = SourceRef(tp.topic, tp.partition, record.offset, trace)
         if not isinstance(app_id, str) or app_id not in self.api_keys.keys:
             tracked.append((tp, record.offset, False))
             self._dead_letter_record(record, app_id, src)
@@ -381,6 +405,7 @@ def run_tag_sync(
     stop: threading.Event | None = None,
     out: TextIO | None = None,
     shutdown_timeout_s: float | None = None,
+    tracing: Tracing | None = None,
 ) -> int:
     """Run the worker until ``stop`` is set (or SIGTERM/SIGINT in the main thread).
 
@@ -399,7 +424,12 @@ def run_tag_sync(
         config = dataclasses.replace(config, tag_sync=dry)
     try:
         worker = TagSyncWorker(
-            config, dry_run=dry_run, stop=stop, out=out, shutdown_timeout_s=shutdown_timeout_s
+            config,
+            dry_run=dry_run,
+            stop=stop,
+            out=out,
+            shutdown_timeout_s=shutdown_timeout_s,
+            tracing=tracing,
         )
     except ConfigError as exc:
         log.error("invalid tag_sync configuration: %s", exc, extra={"key": exc.key})
@@ -407,7 +437,7 @@ def run_tag_sync(
         return 2
     if config.tag_sync.metrics_port:
         try:
-            m.serve_metrics(config.tag_sync.metrics_port)
+            m.serve_metrics(config.tag_sync.metrics_port, config.tag_sync.metrics_host)
         except OSError as exc:
             log.warning("metrics server not started", extra={"error": str(exc)})
     restore: dict[signal.Signals, Any] = {}

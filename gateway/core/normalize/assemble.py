@@ -13,7 +13,7 @@ from gateway.core.normalize.ids import content_id
 from gateway.core.normalize.liquid import _DATA_FIELDS, _liquid_fields, _segment
 from gateway.core.normalize.mapping import _apply_mapping
 from gateway.core.normalize.values import _localized, _tags, _text, _time
-from gateway.core.normalize.web_push import _web_push_fields, _web_push_kind
+from gateway.core.normalize.web_push import WEB_SDK_EVENTS, _web_push_fields, _web_push_kind
 
 __all__ = [
     "JOURNEY_TEXT_KIND",
@@ -49,20 +49,25 @@ def _kind(found: dict[str, Any], fmt: str) -> tuple[str, str | None]:
     raw = found.get("kind")
     raw_text = raw if isinstance(raw, str) and raw.strip() else _text(raw)
     kind: str | None = None
+    if fmt == "web-push":
+        kind = _web_push_kind(raw) if isinstance(raw, str) else None
+        if kind is None:
+            shown = repr(raw_text[:80]) if raw_text is not None else "none"
+            raise NormalizationError(
+                "not-a-web-sdk-event",
+                f"'event' is {shown}, not an event the OneSignal Web SDK sends: one of "
+                f"{', '.join(WEB_SDK_EVENTS)}",
+            )
+        return kind, raw
     if raw_text is not None:
-        kind = _web_push_kind(raw_text) if fmt == "web-push" else canonical_kind(raw_text)
+        kind = canonical_kind(raw_text)
     if kind is None:
         if fmt == "journey":
             return "journey.webhook", None
-        where = (
-            "'event' (notification.clicked...)"
-            if fmt == "web-push"
-            else "'event.kind' or 'event_kind'"
-        )
         raise NormalizationError(
             "no-kind",
-            f"no event kind in the {fmt} body: expected {where}; add it to the template "
-            "or point sources.mapping.kind at it with a JSON Pointer",
+            f"no event kind in the {fmt} body: expected 'event.kind' or 'event_kind'; add it "
+            "to the template or point sources.mapping.kind at it with a JSON Pointer",
         )
     return kind, (raw_text if raw_text != kind else None)
 

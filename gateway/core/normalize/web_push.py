@@ -1,23 +1,36 @@
-"""Web-push SDK webhooks: a fixed shape per SDK version, read directly."""
+"""Web-push SDK webhooks: a fixed shape per SDK version, read directly.
+
+The route has no secret: anyone can post to it. So only the event names the Web SDK itself
+sends are events here, spelled exactly as it sends them; any other name (``message.email.
+bounced``, ``notification.Snoozed``) is refused, or a forger could pass for OneSignal's word on
+another channel. The names, from OneSignal-Website-SDK:
+
+- v16 (``src/sw/webhooks/notifications/webhookNotificationEvent.ts`` @ fbb4a498, and the
+  webhook settings of ``OneSignal.init``): ``notification.willDisplay``,
+  ``notification.clicked``, ``notification.dismissed``;
+- v15 and older (``src/service-worker/ServiceWorker.ts`` @ tag 151607):
+  ``notification.displayed``, ``notification.clicked``, ``notification.dismissed``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
-from gateway.core.kinds import canonical_kind
 from gateway.core.normalize.values import _present, _text
 
-__all__ = ["_web_push_fields", "_web_push_kind"]
+__all__ = ["WEB_SDK_EVENTS", "_web_push_fields", "_web_push_kind"]
 
-_WEB_PUSH_ACTIONS: Final = {
-    "willdisplay": "displayed",
-    "displayed": "displayed",
-    "display": "displayed",
-    "clicked": "clicked",
-    "click": "clicked",
-    "dismissed": "dismissed",
-    "dismiss": "dismissed",
-}
+# the SDK's event name -> the gateway's kind
+WEB_SDK_EVENTS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "notification.willDisplay": "message.push.displayed",  # v16
+        "notification.displayed": "message.push.displayed",  # v15 and older
+        "notification.clicked": "message.push.clicked",
+        "notification.dismissed": "message.push.dismissed",
+    }
+)
 _V16_ONLY_KEYS: Final = ("notificationId", "subscriptionId", "actionId", "additionalData")
 _V15_ONLY_KEYS: Final = ("id", "userId", "action", "buttons", "icon", "data")
 
@@ -65,12 +78,5 @@ def _web_push_fields(payload: dict[Any, Any]) -> dict[str, Any]:
 
 
 def _web_push_kind(name: str) -> str | None:
-    """``notification.clicked`` -> ``message.push.clicked``; unknown names pass through."""
-    low = name.lower().strip()
-    if low.startswith("message."):
-        return canonical_kind(low)
-    suffix = low.removeprefix("notification.").strip()
-    if not suffix:
-        return None
-    action = _WEB_PUSH_ACTIONS.get(suffix.replace("_", ""), suffix)
-    return canonical_kind(f"message.push.{action}")
+    """``notification.clicked`` -> ``message.push.clicked``; None for any other name."""
+    return WEB_SDK_EVENTS.get(name)
