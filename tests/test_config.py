@@ -186,6 +186,16 @@ def test_every_declared_default_is_a_value_its_key_accepts() -> None:
             "onesignal.apps[0].api_key_file",
         ),
         ({"tag_sync": {"auth_retry_s": 0}}, {}, "tag_sync.auth_retry_s"),
+        (
+            {"tag_sync": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2001}},
+            {},
+            "tag_sync.heartbeat_interval_ms",
+        ),
+        (
+            {"tag_sync": {"session_timeout_ms": 30000, "max_poll_interval_ms": 29999}},
+            {},
+            "tag_sync.max_poll_interval_ms",
+        ),
     ],
 )
 def test_errors_name_the_key(data: dict[str, Any], env: dict[str, str], key: str) -> None:

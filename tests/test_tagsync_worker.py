@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from onesignal.configuration import Configuration
 from onesignal.model.properties_object import PropertiesObject
 from onesignal.model.update_user_request import UpdateUserRequest
@@ -37,7 +37,7 @@ from gateway.devkit.embedded_broker import EmbeddedBroker
 from gateway.devkit.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.tagsync import metrics as tagsync_metrics
 from gateway.tagsync.hold import CAUGHT_UP_SLACK
-from gateway.tagsync.worker import run_tag_sync
+from gateway.tagsync.worker import TagSyncWorker, run_tag_sync
 
 from .conftest import APACHE, API_VERSION, KAFKA_API_VERSION, read_topic, unique
 
@@ -72,6 +72,8 @@ def config_data(
         "max_attempts": 5,
         "metrics_port": 0,
         "dead_letter_topic": f"{topic}.dlt",
+        # a JoinGroup left unanswered is given up after 35 s (the default: 65 s)
+        "max_poll_interval_ms": 30000,
         "rules": RULES,
     }
     ts.update(tag_sync)
@@ -160,6 +162,23 @@ def all_committed(broker: EmbeddedBroker, group: str, topic: str) -> bool:
     ends = end_offsets(broker, topic)
     got = committed(broker, group, topic)
     return all(end == 0 or got.get(p) == end for p, end in ends.items())
+
+
+def group_report(broker: EmbeddedBroker, group: str, topic: str) -> str:
+    """For a failed wait on commits: what is committed against the end offsets, and the
+    group as its coordinator sees it (state, members, their partitions)."""
+    out = f"committed {committed(broker, group, topic)} end {end_offsets(broker, topic)}"
+    admin = KafkaAdminClient(
+        bootstrap_servers=broker.bootstrap_servers.split(","), api_version=KAFKA_API_VERSION
+    )
+    try:
+        desc = admin.describe_groups([group]).get(group, {})
+    except Exception as exc:  # the report must not hide the failure it reports
+        return f"{out}; describe_groups failed: {exc!r}"
+    finally:
+        admin.close()
+    members = [(m.get("member_id"), m.get("member_assignment")) for m in desc.get("members", [])]
+    return f"{out}; group state {desc.get('group_state')!r}, members {members}"
 
 
 def commit_log(broker: EmbeddedBroker, group: str, topic: str) -> list[tuple[float, int, int]]:
@@ -507,11 +526,48 @@ def test_retries_exhausted_go_to_the_dead_letter_topic(
         # 90 s: on a loaded machine the group may first form without the topic's partitions
         # ("No partition metadata"), and the worker looks again only at its 15 s metadata
         # refresh; a rebalance then comes on top (seen once in a full CI run)
-        assert wait_until(lambda: all_committed(broker, group, topic), timeout_s=90)
+        assert wait_until(lambda: all_committed(broker, group, topic), timeout_s=90), group_report(
+            broker, group, topic
+        )
     assert [r.status for r in user_requests(fake, "down")] == [502, 502, 502]
     assert header(dlt[0].headers, "dlq_reason") == "retries-exhausted"
     assert header(dlt[0].headers, "dlq_attempts") == "3"
     assert fake.tags(APP, "external_id", "fine")
+
+
+def test_the_consumer_takes_its_group_timeouts_from_the_config(
+    broker: EmbeddedBroker, fake: FakeOneSignal
+) -> None:
+    # max_poll_interval_ms is also the JoinGroup's rebalance timeout, and kafka-python waits
+    # that long (plus 5 s) for the JoinGroup's answer: its 300 s default would let one
+    # unanswered join stall the worker for five minutes
+    topic, group = unique("ts-timeouts"), unique("g")
+    cfg = make_config(
+        broker,
+        fake,
+        topic,
+        group,
+        session_timeout_ms=12000,
+        heartbeat_interval_ms=3000,
+        max_poll_interval_ms=40000,
+    )
+    produce(broker, topic, [ev({"external_id": "t1"})])
+    stop = threading.Event()
+    worker = TagSyncWorker(cfg, stop=stop)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert fake.wait_for(lambda f: user_requests(f, "t1"), timeout_s=45)
+        options = worker.consumer.config
+        assert (
+            options["session_timeout_ms"],
+            options["heartbeat_interval_ms"],
+            options["max_poll_interval_ms"],
+        ) == (12000, 3000, 40000)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
 
 
 def test_dry_run_prints_and_sends_and_commits_nothing(

@@ -666,6 +666,14 @@ class TagSyncConfig:
     heartbeat_interval_ms: Annotated[
         int, Setting("at most a third of session_timeout_ms", minimum=100)
     ] = 2000
+    max_poll_interval_ms: Annotated[
+        int,
+        Setting(
+            "longest gap between polls; also how long a rebalance waits for members to rejoin"
+            " and a JoinGroup for its answer (+5 s); at least session_timeout_ms",
+            minimum=1000,
+        ),
+    ] = 60000
     group_instance_id: Annotated[
         str,
         Setting(

@@ -260,6 +260,8 @@ def _read_tag_sync(table: Table) -> TagSyncConfig:
         raise ConfigError(
             "tag_sync.heartbeat_interval_ms", "must be at most a third of session_timeout_ms"
         )
+    if tag_sync.max_poll_interval_ms < tag_sync.session_timeout_ms:
+        raise ConfigError("tag_sync.max_poll_interval_ms", "must be at least session_timeout_ms")
     table.finish()
     return tag_sync
 

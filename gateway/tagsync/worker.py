@@ -146,6 +146,11 @@ class TagSyncWorker:
             max_poll_records=self.ts.max_poll_records,
             session_timeout_ms=self.ts.session_timeout_ms,
             heartbeat_interval_ms=self.ts.heartbeat_interval_ms,
+            # kafka-python's default (300 s) is also how long it waits for a JoinGroup answer
+            # (plus 5 s), and how long the coordinator waits for members to rejoin: a join
+            # left hanging would stall the worker, silently, for five minutes. This loop polls
+            # every 100 ms and blocks at most for a commit's request timeout (30 s).
+            max_poll_interval_ms=self.ts.max_poll_interval_ms,
             # a topic created moments before the group formed has no partitions in the
             # assignor's view, and kafka-python only looks again at the next metadata refresh
             # (5 minutes by default): until then nothing of it is read
