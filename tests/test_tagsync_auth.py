@@ -28,7 +28,15 @@ from gateway.devkit.fake_onesignal import FakeOneSignal, LoggedRequest
 from gateway.logs import JsonFormatter
 
 from .conftest import KAFKA_API_VERSION, unique
-from .test_tagsync_worker import RULES, ev, produce, running, wait_until, write_config
+from .test_tagsync_worker import (
+    RULES,
+    ev,
+    group_report,
+    produce,
+    running,
+    wait_until,
+    write_config,
+)
 
 APP = "aaaaaaaa-0000-4000-8000-000000000001"  # its key is rotated
 OTHER = "bbbbbbbb-0000-4000-8000-000000000002"  # keeps its key
@@ -170,13 +178,16 @@ def test_a_refused_key_holds_the_backlog_until_the_rotated_key_is_read(
         for r in ("http-401", "http-403", "retries-exhausted")
     )
     try:
-        with running(cfg, topics_exist=False):  # produced to once it runs
-            # the old key works: one round delivered and committed on both topics
-            produce(broker, topic, clicks(APP, users, 0), partition=0)
-            produce(broker, other, clicks(OTHER, ["o1"], 0), partition=0)
+        # the first round is produced before the worker starts, so that its topics exist when
+        # the group forms (see running(): a group formed before them rebalances when they
+        # come, and beside the rest of the suite such a rejoin has stalled for over 45 s)
+        produce(broker, topic, clicks(APP, users, 0), partition=0)
+        produce(broker, other, clicks(OTHER, ["o1"], 0), partition=0)
+        with running(cfg):
+            # the old key works: the round delivered and committed on both topics
             assert wait_until(
                 lambda: all_committed(broker, group, topic) and all_committed(broker, group, other)
-            )
+            ), f"{group_report(broker, group, topic)} / {group_report(broker, group, other)}"
             held_from = end_offset(broker, topic)  # the first record to be refused
 
             fake.rotate_key(APP, NEW_KEY, refuse_status=401)
