@@ -13,6 +13,7 @@ The Apache Kafka release is ``GATEWAY_TEST_KAFKA_VERSION`` (default: the CI pin,
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ from kafka import KafkaConsumer, TopicPartition
 from gateway.devkit import embedded_broker, kafka_cluster
 from gateway.devkit.embedded_broker import EmbeddedBroker
 from gateway.devkit.kafka_cluster import KafkaCluster, KafkaUnavailable
+from gateway.logs import JsonFormatter
 
 from .contract import TopicAudit
 
@@ -122,6 +124,28 @@ def _new_broker() -> Broker:
     if APACHE:
         return KafkaCluster(nodes=1, version=KAFKA_VERSION).start()
     return EmbeddedBroker().start()
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """Undo what a command run in-process did to logging.
+
+    ``gateway.startup.start`` (every CLI command that reads a config) points the root logger at
+    a JSON handler on the ``sys.stderr`` of that moment: inside a test, pytest's capture file,
+    which is closed when the test ends. Left in place, every later log record from any thread
+    of the run fails to write, and logging prints a stack trace for each one. kafka-python's IO
+    loops then run slow ("Task ... ran for 0.228s"), beside the group joins of later tests.
+    """
+    root, kafka = logging.getLogger(), logging.getLogger("kafka")
+    before, root_level, kafka_level = list(root.handlers), root.level, kafka.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and isinstance(handler.formatter, JsonFormatter):
+            root.removeHandler(handler)
+    root.setLevel(root_level)
+    kafka.setLevel(kafka_level)
+    closed = [h for h in root.handlers if getattr(getattr(h, "stream", None), "closed", False)]
+    assert not closed, f"the test left log handlers on closed streams: {closed}"
 
 
 @pytest.fixture(scope="session")
