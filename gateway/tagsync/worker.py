@@ -44,6 +44,7 @@ from gateway.tagsync.deadletters import (
 from gateway.tagsync.delivery import Delivery, Update
 from gateway.tagsync.fetcher_workaround import restore_parked_records
 from gateway.tagsync.hold import CAUGHT_UP_SLACK
+from gateway.tagsync.join_workaround import resume_abandoned_join
 from gateway.tagsync.offsets import OffsetLedger, Offsets, RebalanceListener, partition_names
 from gateway.tagsync.rules import CompiledRule, compile_rules, derive, event_order, resolve_alias
 from gateway.tagsync.senders import make_sender
@@ -360,6 +361,8 @@ class TagSyncWorker:
         if have - want:
             self.consumer.resume(*(have - want))
         restore_parked_records(self.consumer)  # before every poll: see fetcher_workaround.py
+        if resume_abandoned_join(self.consumer):  # see join_workaround.py
+            log.warning("resumed a group join that kafka-python had left unfinished")
 
     def _set_paused(self, paused: bool, outstanding: int) -> None:
         self._paused = paused
